@@ -1,0 +1,66 @@
+"""``candy --runtime asyncio``: run a server or client until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from shells.common import server_ssl_context
+from shells.settings import DaemonSettings
+
+log = logging.getLogger("candy.asyncio")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    log.debug("using uvloop")
+    return uvloop.new_event_loop()
+
+
+async def _until_signalled(
+    start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await start()
+        await stopping.wait()
+        log.info("shutting down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await stop()
+
+
+def run(settings: DaemonSettings) -> int:
+    """Run the daemon described by ``settings``; returns the exit status."""
+    if settings.mode == "server":
+        from shells.asyncio.server import Server
+
+        assert settings.server is not None
+        ssl_ctx = None
+        if settings.ws_scheme == "wss":
+            ssl_ctx = server_ssl_context(str(settings.tls_cert), str(settings.tls_key))
+        node = Server(settings.server, settings.ws_host, settings.ws_port, ssl_ctx)
+    else:
+        from shells.asyncio.client import Client
+
+        node = Client.from_settings(settings)
+    loop = _new_loop()
+    try:
+        loop.run_until_complete(_until_signalled(node.start, node.stop))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    finally:
+        loop.close()
+    return 0

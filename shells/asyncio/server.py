@@ -1,0 +1,170 @@
+"""asyncio shell of the relay server: moves bytes between sockets and :class:`RelayServer`."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+from candy_core.config import ServerConfig
+from candy_core.events import ServerEvent
+from candy_core.server import RelayServer
+from shells.common import describe, system_rng
+
+log = logging.getLogger("candy.asyncio")
+
+EventHandler = Callable[[ServerEvent], None]
+
+
+class _Connection(asyncio.Protocol):
+    """One accepted TCP (or TLS) connection; every byte goes straight to the core."""
+
+    __slots__ = ("cid", "relay", "transport")
+
+    def __init__(self, relay: Server, cid: int) -> None:
+        self.relay = relay
+        self.cid = cid
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        label = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.relay._transports[self.cid] = transport  # type: ignore[assignment]
+        self.relay.core.connection_made(self.cid, self.relay._loop.time(), label)
+        self.relay._flush()
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        try:
+            relay.core.receive_data(self.cid, data, relay._loop.time(), time.time())
+        except Exception:  # a bug must cost only this connection, never the relay
+            log.exception("connection %s: internal error; closing it", self.cid)
+            relay.core.connection_lost(self.cid, "internal error")
+            relay._transports.pop(self.cid, None)
+            if self.transport is not None:
+                self.transport.abort()
+        relay._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        relay = self.relay
+        relay._transports.pop(self.cid, None)
+        reason = f"connection lost: {exc}" if exc else "connection closed by peer"
+        relay.core.connection_lost(self.cid, reason)
+        relay._flush()
+
+    def pause_writing(self) -> None:
+        self.relay.core.pause_writing(self.cid)
+
+    def resume_writing(self) -> None:
+        self.relay.core.resume_writing(self.cid)
+        self.relay._flush()
+
+
+class Server:
+    """A relay server on the running asyncio loop.
+
+    ::
+
+        async with Server(ServerConfig.from_strings("secret", "10.0.0.0/24"), port=8080) as srv:
+            await srv.serve_forever()
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        host: str = "0.0.0.0",
+        port: int = 80,
+        ssl_context: ssl.SSLContext | None = None,
+        on_event: EventHandler | None = None,
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self.core = RelayServer(config, system_rng())
+        self._ssl = ssl_context
+        self._on_event = on_event
+        self._transports: dict[int, asyncio.Transport] = {}
+        self._ids = itertools.count(1)
+        self._server: asyncio.base_events.Server | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Start listening; :attr:`port` is the real port afterwards (useful with port 0)."""
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self, next(self._ids)),
+            self.host,
+            self.port,
+            ssl=self._ssl,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        scheme = "wss" if self._ssl else "ws"
+        log.info("relay listening on %s://%s:%d", scheme, self.host, self.port)
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled."""
+        assert self._server is not None, "call start() first"
+        await self._server.serve_forever()
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._server is not None:
+            self._server.close()
+        for transport in list(self._transports.values()):
+            transport.abort()
+        self._transports.clear()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _flush(self) -> None:
+        core = self.core
+        transports = self._transports
+        for cid, data in core.data_to_send():
+            transport = transports.get(cid)
+            if transport is not None:
+                transport.write(data)
+        for cid in core.connections_to_close():
+            transport = transports.pop(cid, None)
+            if transport is not None:
+                transport.close()
+        while (event := core.next_event()) is not None:
+            log.debug("%s", describe(event))
+            if self._on_event is not None:
+                try:
+                    self._on_event(event)
+                except Exception:
+                    log.exception("event handler failed")
+        deadline = core.next_deadline()
+        if self._stopped:
+            return
+        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.core.handle_timer(self._loop.time())
+        self._flush()

@@ -323,6 +323,10 @@ class Client:
         return True
 
     # --- UDP ----------------------------------------------------------------------------
+    def udp_bound(self, port: int) -> None:
+        """The shell bound the peer-to-peer UDP socket to ``port``."""
+        self.peers.local_port = port
+
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> None:
         """One UDP datagram (a peer's or the STUN server's answer)."""
         for packet in self.peers.receive_datagram(data, addr, now):
@@ -376,8 +380,7 @@ class Client:
         self.phase = Phase.OPEN
         self._last_recv = now
         self._upgrade = None
-        log.info("connected to %s:%d", self.config.host, self.config.port)
-        self._events.append(Connected())
+        log.debug("WebSocket open to %s:%d", self.config.host, self.config.port)
         self._send_handshake(wall)
         return result.trailing
 
@@ -413,6 +416,7 @@ class Client:
         msg = m.Auth.create(self.config.password, self.address.ip, ts, self._padding())
         self._send_binary(msg.encode())
         self.authenticated = True
+        self._events.append(Connected(self.address))
 
     def _message(self, payload: bytes, now: float, wall: float) -> None:
         try:
@@ -450,7 +454,7 @@ class Client:
             self.address = address
             self._ip = address.ip.packed
             self.state.address = address
-            log.info("assigned address %s", address)
+            log.debug("assigned address %s", address)
             self._events.append(AddressChanged(address))
             self.peers.set_address(address)
         self._send_auth(int(wall))

@@ -36,7 +36,9 @@ class ClientDisconnected:
 # --- client -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Connected:
-    """The WebSocket to the server is open (handshake messages are on their way)."""
+    """Joined: the WebSocket is open and AUTH with ``address`` has been sent."""
+
+    address: IPv4Interface
 
 
 @dataclass(frozen=True, slots=True)

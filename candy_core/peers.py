@@ -25,6 +25,7 @@ class PeerManager:
         self._events: deque[ClientEvent] = deque()
         self._datagrams: list[tuple[bytes, tuple[str, int]]] = []
         self.address: IPv4Interface | None = None
+        self.local_port = 0
 
     def set_address(self, address: IPv4Interface) -> None:
         self.address = address

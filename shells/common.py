@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
+import socket
 import ssl
 import time
 
 from candy_core import events as ev
+from candy_core.config import ClientConfig
 
 log = logging.getLogger("candy")
 
@@ -47,8 +50,8 @@ def describe(event: object) -> str:
             return f"assigned {address} to client {cid}"
         case ev.ClientDisconnected(cid, ip, reason):
             return f"client {cid}{f' ({ip})' if ip else ''} disconnected: {reason}"
-        case ev.Connected():
-            return "connected to the server"
+        case ev.Connected(address):
+            return f"joined the network as {address}"
         case ev.AddressChanged(address):
             return f"virtual address is {address}"
         case ev.Disconnected(reason):
@@ -58,3 +61,38 @@ def describe(event: object) -> str:
         case ev.PeerStateChanged(ip, old, new, reason):
             return f"peer {ip}: {old} -> {new} ({reason})"
     return repr(event)
+
+
+def resolve_ipv4(host: str, port: int) -> str:
+    """The first IPv4 address of ``host`` (blocking; used once at start-up)."""
+    infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+    return str(infos[0][4][0])
+
+
+def detect_lan_address(server_host: str, server_port: int) -> str | None:
+    """The local IPv4 address of the route towards the server (no packet is sent)."""
+    try:
+        ip = resolve_ipv4(server_host, server_port)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((ip, server_port or 80))
+            local = str(probe.getsockname()[0])
+    except OSError:
+        return None
+    return None if local.startswith("127.") or local == "0.0.0.0" else local
+
+
+def client_config_for_run(
+    config: ClientConfig, stun_host: str | None, stun_port: int | None
+) -> ClientConfig:
+    """Resolve what the core needs as addresses: the STUN server and our LAN address."""
+    changes: dict[str, object] = {}
+    if stun_host:
+        try:
+            changes["stun"] = (resolve_ipv4(stun_host, stun_port or 3478), stun_port or 3478)
+        except OSError as exc:
+            log.warning("cannot resolve STUN server %s (peer-to-peer disabled): %s", stun_host, exc)
+    if (changes.get("stun") or config.stun) and not config.localhost:
+        lan = detect_lan_address(config.host, config.port)
+        if lan:
+            changes["localhost"] = lan
+    return dataclasses.replace(config, **changes) if changes else config  # type: ignore[arg-type]

@@ -1,0 +1,316 @@
+"""asyncio shell of the client: server connection, TUN device, UDP socket and one timer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Interface
+from typing import TYPE_CHECKING
+
+from candy_core.client import Client as ClientCore
+from candy_core.config import ClientConfig
+from candy_core.events import AddressChanged, ClientEvent, Connected, Disconnected
+from shells.common import client_config_for_run, client_ssl_context, describe, system_rng
+from shells.state import StateStore
+from shells.tun import TunDevice
+
+if TYPE_CHECKING:
+    from shells.settings import DaemonSettings
+
+log = logging.getLogger("candy.asyncio")
+
+EventHandler = Callable[[ClientEvent], None]
+#: Packets queued for an embedding program that does not read them (beyond: dropped).
+PACKET_QUEUE = 4096
+CONNECT_TIMEOUT = 10.0
+
+
+class _ServerLink(asyncio.Protocol):
+    """The WebSocket's TCP (or TLS) connection; bytes go straight to the core."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.client._link = self
+        self.client.core.connection_made(self.client._loop.time())
+        self.client._flush()
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        client.core.receive_data(data, client._loop.time(), time.time())
+        client._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        client = self.client
+        if client._link is self:
+            client._link = None
+            reason = f"connection lost: {exc}" if exc else "connection closed by the server"
+            client.core.connection_lost(client._loop.time(), reason)
+            client._flush()
+
+    def pause_writing(self) -> None:
+        self.client._pause_tun()
+
+    def resume_writing(self) -> None:
+        self.client._resume_tun()
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        client = self.client
+        client.core.receive_datagram(data, addr, client._loop.time())
+        client._flush()
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", exc)
+
+
+class Client:
+    """A Candy client on the running asyncio loop.
+
+    With ``tun=True`` (the daemon) it brings up the ``candy-<name>`` TUN device; with
+    ``tun=False`` the program exchanges packets itself through :meth:`send_packet` and
+    :meth:`recv_packet`::
+
+        async with Client(config, tun=False) as client:
+            await client.wait_connected()
+            client.send_packet(ip_packet)
+            reply = await client.recv_packet()
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        tun: bool = True,
+        state_dir: str | None = None,
+        udp_port: int = 0,
+        stun_host: str | None = None,
+        stun_port: int | None = None,
+        on_event: EventHandler | None = None,
+    ) -> None:
+        self.config = config
+        self._ssl = ssl_context
+        self._use_tun = tun
+        self._store = StateStore(state_dir, config.cache_key)
+        self._udp_port = udp_port
+        self._stun = (stun_host, stun_port)
+        self._on_event = on_event
+        self.core: ClientCore = None  # type: ignore[assignment]  # made in start()
+        self.tun: TunDevice | None = None
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._link: _ServerLink | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._packets: asyncio.Queue[bytes] = asyncio.Queue(PACKET_QUEUE)
+        self._joined = asyncio.Event()
+        self._tun_paused = False
+        self._stopped = False
+
+    @classmethod
+    def from_settings(cls, settings: DaemonSettings) -> Client:
+        """The daemon's client, from parsed command-line/config settings."""
+        assert settings.client is not None
+        ctx = None
+        if settings.ws_scheme == "wss":
+            ctx = client_ssl_context(
+                settings.tls_verify, str(settings.tls_ca) if settings.tls_ca else None
+            )
+        return cls(
+            settings.client,
+            ssl_context=ctx,
+            tun=True,
+            state_dir=str(settings.state_dir),
+            udp_port=settings.udp_port,
+            stun_host=settings.stun_host,
+            stun_port=settings.stun_port,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create the TUN device (if wanted), the UDP socket (if P2P) and connect."""
+        self._loop = asyncio.get_running_loop()
+        rng = system_rng()
+        config = await self._loop.run_in_executor(
+            None, client_config_for_run, self.config, *self._stun
+        )
+        self.config = config
+        self.core = ClientCore(config, rng, self._store.load(rng))
+        if self._use_tun:
+            self.tun = TunDevice.create(config.interface_name)
+            self._loop.add_reader(self.tun.fileno(), self._on_tun)
+        if config.stun is not None:
+            self._udp, _ = await self._loop.create_datagram_endpoint(
+                lambda: _Udp(self), local_addr=("0.0.0.0", self._udp_port)
+            )
+            self.core.udp_bound(self._udp.get_extra_info("sockname")[1])
+        self.core.start(self._loop.time())
+        self._flush()
+
+    async def stop(self) -> None:
+        """Say goodbye to the server, remove the TUN device, cancel everything."""
+        if self._stopped or self.core is None:
+            self._stopped = True
+            return
+        self._stopped = True
+        self.core.close()
+        self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._link is not None and self._link.transport is not None:
+            self._link.transport.abort()
+            self._link = None
+        if self._udp is not None:
+            self._udp.close()
+        if self.tun is not None:
+            if not self._tun_paused:
+                self._loop.remove_reader(self.tun.fileno())
+            self.tun.close()
+            self.tun = None
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- embedding API ------------------------------------------------------------------
+    def send_packet(self, packet: bytes) -> None:
+        """Send one IPv4 packet into the network (as if read from TUN)."""
+        self.core.receive_packet(packet, self._loop.time())
+        self._flush()
+
+    async def recv_packet(self) -> bytes:
+        """The next IPv4 packet from the network (only with ``tun=False``)."""
+        return await self._packets.get()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the client has joined the network (AUTH sent with its address)."""
+        await asyncio.wait_for(self._joined.wait(), timeout)
+
+    @property
+    def address(self) -> IPv4Interface | None:
+        """Our virtual address, once known."""
+        return self.core.address if self.core else None
+
+    # --- plumbing -----------------------------------------------------------------------
+    def _on_tun(self) -> None:
+        tun = self.tun
+        if tun is None:
+            return
+        core = self.core
+        now = self._loop.time()
+        for packet in tun.read_batch(64):
+            core.receive_packet(packet, now)
+        self._flush()
+
+    def _pause_tun(self) -> None:
+        if self.tun is not None and not self._tun_paused:
+            self._tun_paused = True
+            self._loop.remove_reader(self.tun.fileno())
+
+    def _resume_tun(self) -> None:
+        if self.tun is not None and self._tun_paused:
+            self._tun_paused = False
+            self._loop.add_reader(self.tun.fileno(), self._on_tun)
+
+    def _flush(self) -> None:
+        core = self.core
+        link = self._link
+        data = core.data_to_send()
+        if data and link is not None and link.transport is not None:
+            link.transport.write(data)
+        if core.take_close_request() and link is not None:
+            self._link = None
+            if link.transport is not None:
+                link.transport.close()
+            self._resume_tun()
+        packets = core.packets_to_deliver()
+        if packets:
+            if self.tun is not None:
+                write = self.tun.write
+                for packet in packets:
+                    write(packet)
+            else:
+                for packet in packets:
+                    with contextlib.suppress(asyncio.QueueFull):
+                        self._packets.put_nowait(packet)
+        if self._udp is not None:
+            for datagram, addr in core.datagrams_to_send():
+                self._udp.sendto(datagram, addr)
+        while (event := core.next_event()) is not None:
+            self._handle_event(event)
+        if self._stopped:
+            return
+        if core.take_connect_request():
+            task = self._loop.create_task(self._connect())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        deadline = core.next_deadline()
+        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.core.handle_timer(self._loop.time())
+        self._flush()
+
+    async def _connect(self) -> None:
+        cfg = self.config
+        try:
+            await asyncio.wait_for(
+                self._loop.create_connection(
+                    lambda: _ServerLink(self),
+                    cfg.host,
+                    cfg.port,
+                    ssl=self._ssl,
+                    server_hostname=cfg.host if self._ssl else None,
+                ),
+                CONNECT_TIMEOUT,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {CONNECT_TIMEOUT:g} s"
+            self.core.connection_failed(self._loop.time(), reason)
+            self._flush()
+
+    def _handle_event(self, event: ClientEvent) -> None:
+        log.info("%s", describe(event))
+        if isinstance(event, AddressChanged):
+            if self.tun is not None:
+                self.tun.configure(event.address)
+            if self.config.tun is None:
+                self._store.save_address(event.address)
+        elif isinstance(event, Connected):
+            self._joined.set()
+        elif isinstance(event, Disconnected):
+            self._joined.clear()
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("event handler failed")

@@ -201,7 +201,6 @@ class Client:
         self._upgrade = None
         self._parser = None
         self._out.clear()
-        self.peers.server_lost()
         log.warning("disconnected: %s", reason)
         self._events.append(Disconnected(reason))
         self._schedule_reconnect(now, stable)

@@ -1,17 +1,106 @@
-"""Peer-to-peer paths (PROTOCOL.md section 4). Without a STUN server every packet is relayed."""
+"""Peer-to-peer paths (PROTOCOL.md section 4): STUN, the per-peer state machine, heartbeats,
+LAN shortcut, discovery, delay measurement and relay routes through peers.
+
+Enabled only when a STUN server is configured; otherwise every packet goes to the server.
+The manager is ticked once a second (``handle_timer``); datagrams it wants sent are
+collected with ``datagrams_to_send``, WebSocket messages go out through ``send_message``.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from ipaddress import IPv4Interface
+from dataclasses import dataclass, field
+from enum import Enum
+from ipaddress import IPv4Address, IPv4Interface
 
 from candy_core import messages as m
+from candy_core import peermsg as pm
+from candy_core import stun
 from candy_core.config import ClientConfig
-from candy_core.events import ClientEvent
+from candy_core.crypto import IV_SIZE, PeerCipher, ReplayWindow, peer_key
+from candy_core.events import ClientEvent, PeerStateChanged
+
+log = logging.getLogger("candy.peers")
 
 SendMessage = Callable[[bytes], bool]
+Addr = tuple[str, int]
+
+TICK = 1.0
+RETRY_MIN = 30
+RETRY_MAX = 3600
+#: Ticks between DELAY probes on a connected path (with routing on).
+DELAY_EVERY = 60
+#: Most peers tracked; more are not negotiated with (memory stays bounded).
+MAX_PEERS = 4096
+#: Sources whose IVs are remembered for replay detection, and IVs per source.
+REPLAY_SOURCES = 256
+REPLAY_WINDOW = 2048
+_ZERO = IPv4Address(0)
+
+
+class State(Enum):
+    INIT = "INIT"
+    PREPARING = "PREPARING"
+    SYNCHRONIZING = "SYNCHRONIZING"
+    CONNECTING = "CONNECTING"
+    CONNECTED = "CONNECTED"
+    WAITING = "WAITING"
+    FAILED = "FAILED"
+
+
+_FORGETFUL = (State.INIT, State.WAITING, State.FAILED)
+
+
+@dataclass(slots=True)
+class PeerStatus:
+    """What a user sees of one peer."""
+
+    ip: IPv4Address
+    state: str
+    endpoint: Addr | None
+    last_heartbeat: float | None
+    delay_ms: int | None
+    route_via: IPv4Address | None
+
+
+@dataclass(eq=False, slots=True)
+class _Peer:
+    ip: bytes
+    key: bytes
+    state: State = State.INIT
+    count: int = 0
+    endpoint: Addr | None = None
+    lan: Addr | None = None
+    ack: bool = False
+    retry: int = RETRY_MIN
+    last_heartbeat: float | None = None
+    delay_ms: int | None = None
+    delay_ticks: int = 0
+
+
+@dataclass(slots=True)
+class _Route:
+    next: bytes
+    delay: int
+
+
+@dataclass(slots=True)
+class PeerStats:
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+    undecryptable: int = 0
+    replayed: int = 0
+    forwarded_for_peers: int = 0
+
+
+@dataclass(slots=True)
+class _Stun:
+    addr: Addr
+    tids: deque[bytes] = field(default_factory=lambda: deque(maxlen=4))
+    public: Addr | None = None
 
 
 class PeerManager:
@@ -22,40 +111,409 @@ class PeerManager:
         self.enabled = config.stun is not None
         self._rng = rng
         self._send_message = send_message
+        self._cipher = PeerCipher(rng)
         self._events: deque[ClientEvent] = deque()
-        self._datagrams: list[tuple[bytes, tuple[str, int]]] = []
+        self._datagrams: list[tuple[bytes, Addr]] = []
+        self._peers: dict[bytes, _Peer] = {}
+        self._routes: dict[bytes, _Route] = {}
+        self._replay: OrderedDict[Addr, ReplayWindow] = OrderedDict()
+        self._stun = _Stun(config.stun) if config.stun else None
         self.address: IPv4Interface | None = None
+        self._ip: bytes | None = None
+        self._own_key = b""
         self.local_port = 0
+        self._next_tick: float | None = None
+        self._next_discovery: float | None = None
+        self.stats = PeerStats()
 
+    # --- configuration ------------------------------------------------------------------
     def set_address(self, address: IPv4Interface) -> None:
+        """Our virtual address changed: keys change, so every path starts over."""
         self.address = address
+        self._ip = address.ip.packed
+        self._own_key = peer_key(self.config.password, self._ip)
+        for peer in list(self._peers.values()):
+            self._set_state(peer, State.INIT, "our address changed")
+        self._peers.clear()
+        self._routes.clear()
 
-    def server_lost(self) -> None:
-        """The WebSocket is gone; direct paths stay but negotiation waits for it."""
+    def peer_status(self) -> list[PeerStatus]:
+        """Every known peer with its state, endpoint, last heartbeat and delay."""
+        result = []
+        for peer in self._peers.values():
+            route = self._routes.get(peer.ip)
+            via = IPv4Address(route.next) if route and route.next != peer.ip else None
+            result.append(
+                PeerStatus(
+                    IPv4Address(peer.ip),
+                    peer.state.value,
+                    peer.endpoint,
+                    peer.last_heartbeat,
+                    peer.delay_ms,
+                    via,
+                )
+            )
+        return result
 
-    def next_deadline(self) -> float | None:
-        return None
-
-    def handle_timer(self, now: float) -> None:
-        pass
-
-    def datagrams_to_send(self) -> list[tuple[bytes, tuple[str, int]]]:
+    # --- outputs ------------------------------------------------------------------------
+    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
         datagrams, self._datagrams = self._datagrams, []
         return datagrams
 
     def next_event(self) -> ClientEvent | None:
         return self._events.popleft() if self._events else None
 
-    def send_packet(self, dst: bytes, packet: bytes, now: float) -> bool:
-        """Send ``packet`` over a direct or routed path if one is up; ``False`` otherwise."""
-        return False
+    def next_deadline(self) -> float | None:
+        if not self.enabled or self._ip is None:
+            return None
+        return 0.0 if self._next_tick is None else self._next_tick
 
-    def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> list[bytes]:
+    # --- the hot paths ------------------------------------------------------------------
+    def send_packet(self, dst: bytes, packet: bytes, now: float) -> bool:
+        """Send ``packet`` over a routed or direct path if one is up; ``False`` otherwise."""
+        if not self.enabled:
+            return False
+        route = self._routes.get(dst)
+        if route is not None:
+            hop = self._peers.get(route.next)
+            if hop is not None and hop.state is State.CONNECTED:
+                self._seal_to(hop, b"\x01" + packet)
+                return True
+        peer = self._peers.get(dst)
+        if peer is None or peer.state is not State.CONNECTED:
+            return False
+        self._seal_to(peer, b"\x01" + packet)
+        return True
+
+    def _seal_to(self, peer: _Peer, plaintext: bytes, addr: Addr | None = None) -> None:
+        target = addr or peer.endpoint
+        if target is None:
+            return
+        self._datagrams.append((self._cipher.seal(peer.key, plaintext), target))
+        self.stats.datagrams_sent += 1
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[bytes]:
         """Handle one UDP datagram; returns packets for TUN."""
+        if not self.enabled or self._ip is None:
+            return []
+        if self._stun is not None and addr == self._stun.addr:
+            self._stun_answer(data, now)
+            return []
+        plain = self._cipher.open(self._own_key, data)
+        if plain is None or not plain:
+            self.stats.undecryptable += 1
+            return []
+        if self._is_replay(addr, data[:IV_SIZE]):
+            self.stats.replayed += 1
+            return []
+        self.stats.datagrams_received += 1
+        kind = plain[0]
+        if kind == pm.FORWARD:
+            if len(plain) < 21:
+                return []
+            if plain[17:21] == self._ip:
+                return [plain[1:]]
+            self._forward_for_peer(plain)
+            return []
+        try:
+            if kind == pm.HEARTBEAT:
+                self._heartbeat(pm.Heartbeat.decode(plain), addr, now)
+            elif kind == pm.DELAY:
+                self._delay(pm.Delay.decode(plain), addr, now)
+            elif kind == pm.ROUTE:
+                self._route(pm.Route.decode(plain), addr)
+        except m.ProtocolError as exc:
+            log.debug("ignoring a malformed peer message from %s: %s", addr, exc)
         return []
 
-    def relayed_from(self, src: bytes, now: float) -> None:
-        """A packet from ``src`` arrived through the server."""
+    def _is_replay(self, addr: Addr, iv: bytes) -> bool:
+        windows = self._replay
+        window = windows.get(addr)
+        if window is None:
+            window = windows[addr] = ReplayWindow(REPLAY_WINDOW)
+            if len(windows) > REPLAY_SOURCES:
+                windows.popitem(last=False)
+        return window.seen(iv)
 
+    def _forward_for_peer(self, plain: bytes) -> None:
+        if self.config.route <= 0:
+            return
+        dst = plain[17:21]
+        route = self._routes.get(dst)
+        hop = self._peers.get(route.next if route else dst)
+        if hop is not None and hop.state is State.CONNECTED:
+            self._seal_to(hop, plain)
+            self.stats.forwarded_for_peers += 1
+
+    def relayed_from(self, src: bytes, now: float) -> None:
+        """A packet from ``src`` arrived through the server: try a direct path."""
+        if not self.enabled:
+            return
+        peer = self._peers.get(src)
+        if peer is None or peer.state is State.INIT:
+            self._begin(src, "traffic through the server")
+
+    # --- WebSocket messages -------------------------------------------------------------
     def receive_message(self, msg: m.Peer | m.Discovery | m.General, now: float) -> None:
         """A PEER, DISCOVERY or GENERAL message relayed by the server."""
+        if not self.enabled or self._ip is None:
+            return
+        if msg.dst.packed != self._ip and msg.dst != m.BROADCAST:
+            return
+        src = msg.src.packed
+        if src == self._ip:
+            return
+        if isinstance(msg, m.Discovery):
+            if msg.dst == m.BROADCAST:
+                self._send_message(m.Discovery(IPv4Address(self._ip), msg.src).encode())
+            peer = self._peers.get(src)
+            if peer is None or peer.state is State.INIT:
+                self._begin(src, "discovery")
+        elif isinstance(msg, m.Peer):
+            self._peer_endpoint(src, (str(msg.ip), msg.port))
+        else:
+            endpoint = msg.endpoint()
+            if endpoint is not None:
+                self._lan_endpoint(src, (str(endpoint[0]), endpoint[1]))
+
+    def _peer(self, ip: bytes) -> _Peer | None:
+        peer = self._peers.get(ip)
+        if peer is None:
+            if len(self._peers) >= MAX_PEERS or ip == self._ip:
+                return None
+            peer = self._peers[ip] = _Peer(ip, peer_key(self.config.password, ip))
+        return peer
+
+    def _begin(self, ip: bytes, reason: str) -> None:
+        """INIT → PREPARING, announcing our LAN endpoint."""
+        peer = self._peer(ip)
+        if peer is None:
+            return
+        self._set_state(peer, State.PREPARING, reason)
+        self._send_lan_endpoint(peer)
+
+    def _send_lan_endpoint(self, peer: _Peer) -> None:
+        lan = self.config.localhost
+        if not lan or not self.local_port or self._ip is None:
+            return
+        msg = m.General.lan_endpoint(
+            IPv4Address(self._ip), IPv4Address(peer.ip), IPv4Address(lan), self.local_port
+        )
+        self._send_message(msg.encode())
+
+    def _peer_endpoint(self, ip: bytes, endpoint: Addr) -> None:
+        peer = self._peer(ip)
+        if peer is None:
+            return
+        if peer.state is State.SYNCHRONIZING:
+            peer.endpoint = endpoint
+            self._set_state(peer, State.CONNECTING, "received the peer's public endpoint")
+        elif peer.state is State.CONNECTING:
+            if peer.endpoint is None:
+                peer.endpoint = endpoint
+        else:
+            self._set_state(peer, State.PREPARING, "received the peer's public endpoint")
+            peer.endpoint = endpoint
+
+    def _lan_endpoint(self, ip: bytes, endpoint: Addr) -> None:
+        peer = self._peer(ip)
+        if peer is None:
+            return
+        peer.lan = endpoint
+        if peer.state in (State.INIT, State.FAILED):
+            self._set_state(peer, State.PREPARING, "received the peer's LAN endpoint")
+            self._send_lan_endpoint(peer)
+        if peer.state in (State.PREPARING, State.CONNECTING):
+            self._seal_to(peer, self._heartbeat_bytes(peer), endpoint)
+
+    # --- peer datagrams -----------------------------------------------------------------
+    def _heartbeat_bytes(self, peer: _Peer) -> bytes:
+        public = self._stun.public if self._stun else None
+        ip, port = public if public else (self.config.localhost or "0.0.0.0", self.local_port)
+        return pm.Heartbeat(IPv4Address(self._ip), IPv4Address(ip), port, peer.ack).encode()
+
+    def _heartbeat(self, hb: pm.Heartbeat, addr: Addr, now: float) -> None:
+        peer = self._peers.get(hb.tun.packed)
+        if peer is None or peer.state not in (State.PREPARING, State.CONNECTING, State.CONNECTED):
+            return
+        peer.endpoint = addr
+        peer.last_heartbeat = now
+        first = not peer.ack
+        peer.ack = True
+        if peer.state is State.PREPARING:
+            self._set_state(peer, State.CONNECTING, f"heartbeat from {addr[0]}:{addr[1]}")
+            self._seal_to(peer, self._heartbeat_bytes(peer))
+        elif first and peer.state is State.CONNECTING:
+            self._seal_to(peer, self._heartbeat_bytes(peer))
+        if hb.ack:
+            if peer.state is State.CONNECTING:
+                self._set_state(peer, State.CONNECTED, f"heartbeat acknowledged by {addr[0]}")
+            else:
+                peer.count = 0
+
+    def _delay(self, msg: pm.Delay, addr: Addr, now: float) -> None:
+        if msg.dst.packed == self._ip:  # a probe from a peer: echo it unchanged
+            peer = self._peers.get(msg.src.packed)
+            if peer is not None and peer.state is State.CONNECTED:
+                self._seal_to(peer, msg.encode())
+        elif msg.src.packed == self._ip:  # our probe came back
+            peer = self._peers.get(msg.dst.packed)
+            if peer is None or peer.state is not State.CONNECTED:
+                return
+            rtt = max(0, int(now * 1000) - msg.timestamp_ms)
+            peer.delay_ms = rtt
+            self._update_route(peer.ip, peer.ip, rtt, announce=True)
+
+    def _route(self, msg: pm.Route, addr: Addr) -> None:
+        if self.config.route <= 0:
+            return
+        dst, via = msg.dst.packed, msg.next.packed
+        if dst == self._ip or via == self._ip:
+            return
+        current = self._routes.get(dst)
+        if msg.delay == pm.ROUTE_WITHDRAWN:
+            if current is not None and current.next == via:
+                del self._routes[dst]
+            return
+        direct = self._routes.get(via)
+        if direct is None or direct.next != via:
+            return
+        self._update_route(dst, via, direct.delay + msg.delay, announce=False)
+
+    def _update_route(self, dst: bytes, via: bytes, delay: int, announce: bool) -> None:
+        current = self._routes.get(dst)
+        if current is None or current.next == via or delay < current.delay:
+            self._routes[dst] = _Route(via, delay)
+        if announce and self.config.route > 0:
+            self._announce(dst, delay + self.config.route)
+
+    def _announce(self, dst: bytes, delay: int) -> None:
+        msg = pm.Route(IPv4Address(dst), IPv4Address(self._ip), delay).encode()
+        for peer in self._peers.values():
+            if peer.state is State.CONNECTED and peer.ip != dst:
+                self._seal_to(peer, msg)
+
+    # --- STUN ---------------------------------------------------------------------------
+    def _send_stun(self) -> None:
+        assert self._stun is not None
+        tid = self._rng.randbytes(stun.TRANSACTION_ID_SIZE)
+        self._stun.tids.append(tid)
+        self._datagrams.append(
+            (stun.build_binding_request(tid, change_request=True), self._stun.addr)
+        )
+
+    def _stun_answer(self, data: bytes, now: float) -> None:
+        assert self._stun is not None
+        try:
+            tid = bytes(data[8:20])
+            if tid not in self._stun.tids:
+                raise stun.StunError("unknown transaction id")
+            public = stun.parse_binding_response(data, tid)
+        except stun.StunError as exc:
+            log.debug("ignoring a STUN answer: %s", exc)
+            return
+        if public != self._stun.public:
+            log.info("public UDP endpoint is %s:%d", *public)
+        self._stun.public = public
+        ip, port = public
+        for peer in list(self._peers.values()):
+            if peer.state is not State.PREPARING or peer.count <= 2:
+                continue
+            msg = m.Peer(IPv4Address(self._ip), IPv4Address(peer.ip), IPv4Address(ip), port)
+            self._send_message(msg.encode())
+            if peer.endpoint is not None:
+                self._set_state(peer, State.CONNECTING, "sent our public endpoint")
+            else:
+                self._set_state(peer, State.SYNCHRONIZING, "sent our public endpoint")
+
+    # --- the 1-second tick --------------------------------------------------------------
+    def handle_timer(self, now: float) -> None:
+        if not self.enabled or self._ip is None:
+            return
+        if self._next_tick is None:
+            self._next_tick = now + TICK
+        if self.config.discovery > 0:
+            if self._next_discovery is None:
+                self._next_discovery = now
+            if now >= self._next_discovery:
+                self._next_discovery = now + self.config.discovery
+                msg = m.Discovery(IPv4Address(self._ip), m.BROADCAST)
+                self._send_message(msg.encode())
+        if now < self._next_tick:
+            return
+        self._next_tick = max(self._next_tick + TICK, now)
+        self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        need_stun = False
+        for peer in list(self._peers.values()):
+            peer.count += 1
+            state = peer.state
+            if state is State.PREPARING:
+                if peer.count > 10:
+                    self._set_state(peer, State.FAILED, "STUN timeout")
+                    continue
+                need_stun = need_stun or peer.count > 1
+                if peer.lan is not None:
+                    self._seal_to(peer, self._heartbeat_bytes(peer), peer.lan)
+            elif state is State.SYNCHRONIZING:
+                if peer.count > 10:
+                    self._set_state(peer, State.FAILED, "no public endpoint from the peer")
+            elif state is State.CONNECTING:
+                if peer.count > 10:
+                    self._set_state(peer, State.WAITING, "no answer to heartbeats for 10 s")
+                    continue
+                beat = self._heartbeat_bytes(peer)
+                self._seal_to(peer, beat)
+                if peer.lan is not None and peer.lan != peer.endpoint:
+                    self._seal_to(peer, beat, peer.lan)
+            elif state is State.CONNECTED:
+                if peer.count > 3:
+                    self._set_state(peer, State.INIT, "no heartbeat for 3 s")
+                    continue
+                self._seal_to(peer, self._heartbeat_bytes(peer))
+                if self.config.route > 0:
+                    peer.delay_ticks += 1
+                    if peer.delay_ticks >= DELAY_EVERY:
+                        self._send_delay(peer, now)
+            elif state is State.WAITING and peer.count >= peer.retry:
+                peer.retry = min(peer.retry * 2, RETRY_MAX)
+                self._set_state(peer, State.INIT, "retrying after back-off")
+        if need_stun and self._stun is not None:
+            self._send_stun()
+
+    def _send_delay(self, peer: _Peer, now: float) -> None:
+        peer.delay_ticks = 0
+        msg = pm.Delay(IPv4Address(self._ip), IPv4Address(peer.ip), int(now * 1000))
+        self._seal_to(peer, msg.encode())
+
+    # --- state changes ------------------------------------------------------------------
+    def _set_state(self, peer: _Peer, new: State, reason: str) -> None:
+        old = peer.state
+        peer.count = 0
+        if new in _FORGETFUL:
+            peer.endpoint = None
+            peer.ack = False
+            if new is not State.WAITING:
+                peer.lan = None
+        if old is new:
+            return
+        peer.state = new
+        ip = IPv4Address(peer.ip)
+        level = logging.INFO if State.CONNECTED in (old, new) else logging.DEBUG
+        log.log(level, "peer %s: %s -> %s (%s)", ip, old.value, new.value, reason)
+        self._events.append(PeerStateChanged(ip, old.value, new.value, reason))
+        if new is State.CONNECTED:
+            peer.retry = RETRY_MIN
+            peer.delay_ticks = DELAY_EVERY  # measure the delay on the next tick
+        elif old is State.CONNECTED:
+            peer.delay_ms = None
+            self._withdraw(peer.ip)
+
+    def _withdraw(self, via: bytes) -> None:
+        """``via`` left CONNECTED: drop every route through it and tell the others."""
+        gone = [dst for dst, route in self._routes.items() if route.next == via]
+        for dst in gone:
+            del self._routes[dst]
+        if self.config.route > 0 and via in gone:
+            self._announce(via, pm.ROUTE_WITHDRAWN)

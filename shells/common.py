@@ -8,6 +8,7 @@ import random
 import socket
 import ssl
 import time
+from types import ModuleType
 
 from candy_core import events as ev
 from candy_core.config import ClientConfig
@@ -25,16 +26,18 @@ def system_rng() -> random.Random:
     return random.SystemRandom()
 
 
-def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """TLS context for a ``wss://`` listener."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+def server_ssl_context(cert: str, key: str, ssl_module: ModuleType = ssl) -> ssl.SSLContext:
+    """TLS context for a ``wss://`` listener (``ssl_module``: ``gevent.ssl`` for gevent)."""
+    ctx = ssl_module.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     return ctx
 
 
-def client_ssl_context(verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
+def client_ssl_context(
+    verify: bool = True, ca_file: str | None = None, ssl_module: ModuleType = ssl
+) -> ssl.SSLContext:
     """TLS context for a ``wss://`` client: verifies certificate and host name by default."""
-    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx = ssl_module.create_default_context(cafile=ca_file)
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -143,7 +143,7 @@ class TunDevice:
         """Write one packet; when the kernel queue is full it is dropped and counted."""
         try:
             os.write(self.fileno(), packet)
-        except BlockingIOError:
+        except OSError:  # queue full (EAGAIN) or a packet the kernel refuses (EINVAL)
             self.dropped += 1
 
     def close(self) -> None:

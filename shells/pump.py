@@ -1,0 +1,137 @@
+"""Moving a core's outputs to real I/O: the one loop body every runtime shell shares.
+
+A shell hands a pump the I/O operations of its runtime (write to a connection, close it,
+send a datagram, open a connection) and calls :meth:`flush` after every input it gave the
+core; the pump returns the core's next deadline for the shell's timer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Hashable
+
+from candy_core.client import Client as ClientCore
+from candy_core.config import ClientConfig
+from candy_core.events import AddressChanged, ClientEvent, Connected, Disconnected
+from candy_core.server import RelayServer
+from shells.common import client_config_for_run, describe, system_rng
+from shells.state import StateStore
+from shells.tun import TunDevice
+
+log = logging.getLogger("candy")
+
+#: Packets kept for an embedding program that reads them itself (beyond: dropped, counted).
+PACKET_QUEUE = 4096
+
+
+def _call_handler(handler: Callable[[object], None] | None, event: object) -> None:
+    if handler is None:
+        return
+    try:
+        handler(event)
+    except Exception:
+        log.exception("event handler failed")
+
+
+class ServerPump:
+    """Flushes a :class:`RelayServer` into per-connection write and close operations."""
+
+    def __init__(
+        self,
+        core: RelayServer,
+        write: Callable[[Hashable, bytes], None],
+        close: Callable[[Hashable], None],
+        on_event: Callable[[object], None] | None = None,
+    ) -> None:
+        self.core = core
+        self._write = write
+        self._close = close
+        self.on_event = on_event
+
+    def flush(self) -> float | None:
+        """Write, close and report what the core produced; returns its next deadline."""
+        core = self.core
+        for cid, data in core.data_to_send():
+            self._write(cid, data)
+        for cid in core.connections_to_close():
+            self._close(cid)
+        while (event := core.next_event()) is not None:
+            log.debug("%s", describe(event))
+            _call_handler(self.on_event, event)
+        return core.next_deadline()
+
+
+class ClientPump:
+    """A client core with its TUN device (optional), saved state and event handling.
+
+    The shell supplies how to write to and close the server connection, send a datagram and
+    open a new connection; the pump does the rest the same way for every runtime.
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        tun: bool,
+        state_dir: str | None,
+        stun: tuple[str | None, int | None] = (None, None),
+        on_event: Callable[[object], None] | None = None,
+    ) -> None:
+        self.config = client_config_for_run(config, *stun)
+        rng = system_rng()
+        self.store = StateStore(state_dir, config.cache_key)
+        self.core = ClientCore(self.config, rng, self.store.load(rng))
+        self.tun = TunDevice.create(self.config.interface_name) if tun else None
+        self.on_event = on_event
+        #: Packets for an embedding program (no TUN), oldest first.
+        self.packets: deque[bytes] = deque(maxlen=PACKET_QUEUE)
+        self.joined = False
+        self.write_server: Callable[[bytes], None] = lambda data: None
+        self.close_server: Callable[[], None] = lambda: None
+        self.send_datagram: Callable[[bytes, tuple[str, int]], None] = lambda d, a: None
+        self.open_connection: Callable[[], None] = lambda: None
+        self.packets_ready: Callable[[], None] = lambda: None
+
+    def flush(self) -> float | None:
+        """Carry out everything the core produced; returns its next deadline."""
+        core = self.core
+        data = core.data_to_send()
+        if data:
+            self.write_server(data)
+        if core.take_close_request():
+            self.close_server()
+        packets = core.packets_to_deliver()
+        if packets:
+            if self.tun is not None:
+                write = self.tun.write
+                for packet in packets:
+                    write(packet)
+            else:
+                self.packets.extend(packets)
+                self.packets_ready()
+        for datagram, addr in core.datagrams_to_send():
+            self.send_datagram(datagram, addr)
+        while (event := core.next_event()) is not None:
+            self._handle_event(event)
+        if core.take_connect_request():
+            self.open_connection()
+        return core.next_deadline()
+
+    def close(self) -> None:
+        """Remove the TUN device."""
+        if self.tun is not None:
+            self.tun.close()
+
+    def _handle_event(self, event: ClientEvent) -> None:
+        log.info("%s", describe(event))
+        if isinstance(event, AddressChanged):
+            if self.tun is not None:
+                self.tun.configure(event.address)
+            if self.config.tun is None:
+                self.store.save_address(event.address)
+        elif isinstance(event, Connected):
+            self.joined = True
+        elif isinstance(event, Disconnected):
+            self.joined = False
+        _call_handler(self.on_event, event)

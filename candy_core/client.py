@@ -350,7 +350,7 @@ class Client:
             if frame.opcode == OP_BINARY:
                 payload = frame.payload
                 if payload and payload[0] == m.FORWARD:
-                    if len(payload) > 20:
+                    if len(payload) > 20 and payload[1] >> 4 == 4:
                         self.stats.packets_from_server += 1
                         self._to_tun.append(payload[1:])
                         self.peers.relayed_from(payload[13:17], now)

@@ -43,6 +43,10 @@ class ServerConfig:
     #: Allowed difference between a handshake timestamp and the server clock, in seconds.
     clock_window: int = 30
 
+    def __post_init__(self) -> None:
+        if self.dhcp is not None and self.dhcp.prefixlen > 30:
+            raise ConfigError(f"dhcp range {self.dhcp} is too small: use a prefix of /30 or less")
+
     @classmethod
     def from_strings(
         cls, password: str = "", dhcp: str | None = None, **kw: object

@@ -209,7 +209,7 @@ class PeerManager:
         self.stats.datagrams_received += 1
         kind = plain[0]
         if kind == pm.FORWARD:
-            if len(plain) < 21:
+            if len(plain) < 21 or plain[1] >> 4 != 4:
                 return []
             if plain[17:21] == self._ip:
                 return [plain[1:]]

@@ -292,6 +292,9 @@ class RelayServer:
 
     # --- handshake and peer negotiation messages ----------------------------------------
     def _message(self, conn: _Connection, payload: bytes, wall: float) -> None:
+        if not payload:
+            self._drop_frame(conn, "empty", "empty binary frame dropped")
+            return
         try:
             msg = m.decode(payload)
         except m.ProtocolError as exc:
@@ -311,8 +314,9 @@ class RelayServer:
         elif isinstance(msg, m.Discovery | m.General):
             name = "DISCOVERY" if isinstance(msg, m.Discovery) else "GENERAL"
             src, dst = msg.src.packed, msg.dst.packed
-            if dst == BROADCAST and self._source_ok(conn, src, name):
-                self._to_all_but(conn, payload)
+            if dst == BROADCAST:
+                if self._source_ok(conn, src, name):
+                    self._to_all_but(conn, payload)
             else:
                 self._relay_unicast(conn, src, dst, payload, name)
         else:

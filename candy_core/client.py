@@ -46,7 +46,8 @@ log = logging.getLogger("candy.client")
 
 #: A connection that lasted this long resets the reconnection back-off.
 STABLE_AFTER = 15.0
-#: A server that closes this soon after our handshake, without a reason, refused it.
+#: A server that closes this soon after our handshake, without a reason and without having
+#: sent anything since, refused it.
 REFUSED_WITHIN = 5.0
 #: Most random padding bytes added to AUTH, EXPECTED and VMAC.
 MAX_PADDING = 64
@@ -163,6 +164,8 @@ class Client:
 
             nonce = base64.b64encode(self._rng.randbytes(16))
         self.phase = Phase.UPGRADING
+        # Nothing queued for an earlier connection may precede this one's upgrade request.
+        self._out.clear()
         self._opened_at = self._last_recv = self._last_ping = now
         self._handshake_at = None
         self._close_reason = None
@@ -187,7 +190,12 @@ class Client:
     def _explain(self, now: float, reason: str) -> str:
         if self._close_reason:
             return f"server closed the connection: {self._close_reason}"
-        if self._handshake_at is not None and now - self._handshake_at <= REFUSED_WITHIN:
+        handshake_at = self._handshake_at
+        if (
+            handshake_at is not None
+            and self._last_recv <= handshake_at  # no answer: an address reply means accepted
+            and now - handshake_at <= REFUSED_WITHIN
+        ):
             return (
                 "the server refused the handshake (a wrong password or a clock more than "
                 "30 s off are the likely causes)"
@@ -231,7 +239,8 @@ class Client:
         if self.phase in (Phase.UPGRADING, Phase.OPEN):
             cfg = self.config
             deadlines.append(self._last_recv + cfg.dead_after)
-            deadlines.append(max(self._last_recv, self._last_ping) + cfg.ping_interval)
+            if self.phase is Phase.OPEN:  # no pings before the upgrade completes
+                deadlines.append(max(self._last_recv, self._last_ping) + cfg.ping_interval)
         present = [d for d in deadlines if d is not None]
         return min(present) if present else None
 
@@ -354,6 +363,8 @@ class Client:
                         self.stats.packets_from_server += 1
                         self._to_tun.append(payload[1:])
                         self.peers.relayed_from(payload[13:17], now)
+                    else:
+                        self.stats.packets_dropped += 1
                 else:
                     self._message(payload, now, wall)
             elif frame.opcode == OP_PING:
@@ -361,9 +372,10 @@ class Client:
             elif frame.opcode == OP_CLOSE:
                 code, reason = parse_close(frame.payload)
                 self._close_reason = reason or (f"close code {code}" if code else "no reason")
-                self._out.append(encode_frame(OP_CLOSE, frame.payload[:2], self._masks.take()))
                 self._close_requested = True
                 self._lost(now, self._explain(now, "closed"))
+                # After _lost (which discards pending output): the echo must still go out.
+                self._out.append(encode_frame(OP_CLOSE, frame.payload[:2], self._masks.take()))
 
     def _receive_upgrade(self, data: bytes, now: float, wall: float) -> bytes:
         try:
@@ -384,12 +396,13 @@ class Client:
         return result.trailing
 
     def _protocol_failure(self, now: float, reason: str, code: int = 1002) -> None:
-        if self.phase is Phase.OPEN:
+        was_open = self.phase is Phase.OPEN
+        self._close_requested = True
+        self._lost(now, reason)
+        if was_open:  # after _lost, which discards pending output
             self._out.append(
                 encode_frame(OP_CLOSE, close_payload(code, reason[:100]), self._masks.take())
             )
-        self._close_requested = True
-        self._lost(now, reason)
 
     def _padding(self) -> bytes:
         if not self.config.confusion:
@@ -436,9 +449,16 @@ class Client:
         if cfg.tun is not None or self.authenticated:
             log.debug("ignoring an unsolicited address assignment")
             return
-        if not msg.verify(cfg.password) or not within_window(msg.timestamp, wall, cfg.clock_window):
+        if not msg.verify(cfg.password):
             self._protocol_failure(
                 now, "the server's address assignment does not verify (is the password right?)"
+            )
+            return
+        if not within_window(msg.timestamp, wall, cfg.clock_window):
+            self._protocol_failure(
+                now,
+                f"the server's address assignment is {int(msg.timestamp - wall):+d} s away "
+                "from our clock (is either clock wrong?)",
             )
             return
         try:

@@ -30,6 +30,8 @@ class StateStore:
         """The saved state, with a new VMAC generated (and saved) on first use."""
         vmac = self._read("vmac")
         if vmac is None or len(vmac) != 16 or not all(c in "0123456789abcdef" for c in vmac):
+            if vmac is not None:
+                log.warning("ignoring an invalid cached VMAC %r (a new one is made)", vmac)
             vmac = new_vmac(rng).decode()
             self._write("vmac", vmac)
         address = None
@@ -52,7 +54,7 @@ class StateStore:
             return path.read_text().strip()
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:  # unreadable or not text: ignored
             log.warning("cannot read %s: %s", path, exc)
             return None
 
@@ -62,7 +64,7 @@ class StateStore:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text)
             os.replace(tmp, path)
         except OSError as exc:

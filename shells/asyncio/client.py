@@ -291,7 +291,7 @@ class Client:
                 ),
                 CONNECT_TIMEOUT,
             )
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
+        except Exception as exc:  # OSError, TLS, timeout, also bad names (UnicodeError)
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 reason = f"no answer within {CONNECT_TIMEOUT:g} s"

@@ -348,14 +348,16 @@ class PeerManager:
         if hb.ack:
             if peer.state is State.CONNECTING:
                 self._set_state(peer, State.CONNECTED, f"heartbeat acknowledged by {addr[0]}")
+                if self.config.route > 0:  # PROTOCOL.md 4.4: measure the delay on entry
+                    self._send_delay(peer, now)
             else:
                 peer.count = 0
 
     def _delay(self, msg: pm.Delay, addr: Addr, now: float) -> None:
-        if msg.dst.packed == self._ip:  # a probe from a peer: echo it unchanged
+        if msg.dst.packed == self._ip:  # a probe from a peer: echo it unchanged, in any state
             peer = self._peers.get(msg.src.packed)
-            if peer is not None and peer.state is State.CONNECTED:
-                self._seal_to(peer, msg.encode())
+            if peer is not None:
+                self._seal_to(peer, msg.encode(), addr)
         elif msg.src.packed == self._ip:  # our probe came back
             peer = self._peers.get(msg.dst.packed)
             if peer is None or peer.state is not State.CONNECTED:
@@ -500,12 +502,10 @@ class PeerManager:
             return
         peer.state = new
         ip = IPv4Address(peer.ip)
-        level = logging.INFO if State.CONNECTED in (old, new) else logging.DEBUG
-        log.log(level, "peer %s: %s -> %s (%s)", ip, old.value, new.value, reason)
         self._events.append(PeerStateChanged(ip, old.value, new.value, reason))
         if new is State.CONNECTED:
             peer.retry = RETRY_MIN
-            peer.delay_ticks = DELAY_EVERY  # measure the delay on the next tick
+            peer.delay_ticks = 0  # the first DELAY goes out on entry (see _heartbeat)
         elif old is State.CONNECTED:
             peer.delay_ms = None
             self._withdraw(peer.ip)

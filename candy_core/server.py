@@ -55,6 +55,7 @@ class _Connection:
     peer: str
     opened: float
     last_seen: float
+    last_ping: float = 0.0
     phase: Phase = Phase.UPGRADING
     upgrade: ServerUpgrade | None = field(default_factory=ServerUpgrade)
     parser: FrameParser | None = None
@@ -178,6 +179,15 @@ class RelayServer:
                     "idle timeout",
                     f"nothing received for {cfg.idle_timeout:g} s",
                 )
+            elif (
+                conn.ip is not None
+                and now - conn.last_seen >= cfg.idle_timeout / 3
+                and now - conn.last_ping >= cfg.idle_timeout / 3
+            ):
+                # Clients ping only when they receive nothing; one that only receives
+                # relayed traffic stays silent, so ask it for a PONG (5.6 clients answer).
+                conn.last_ping = now
+                self._send_raw(conn, encode_frame(OP_PING, b"candy"))
         self._next_sweep = now + SWEEP_INTERVAL if self._conns else None
 
     @property

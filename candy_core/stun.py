@@ -1,12 +1,14 @@
 """RFC 5389 STUN Binding codec (pure): build requests, parse success responses.
 
 Only what Candy needs: a Binding Request (optionally with the CHANGE-REQUEST attribute that
-the 5.6 client sends) and the public IPv4 endpoint from a Binding success response.
+the 5.6 client sends) and the public IPv4 endpoint from a Binding success response. The
+server side (:func:`build_binding_response`) serves the simulator and end-to-end test tools.
 """
 
 from __future__ import annotations
 
 import struct
+from ipaddress import IPv4Address
 
 MAGIC_COOKIE = 0x2112A442
 HEADER_SIZE = 20
@@ -38,6 +40,27 @@ def build_binding_request(transaction_id: bytes, change_request: bool = False) -
         raise StunError(f"transaction id must be 12 bytes, got {len(transaction_id)}")
     body = _ATTR.pack(ATTR_CHANGE_REQUEST, 4) + bytes(4) if change_request else b""
     return _HEADER.pack(BINDING_REQUEST, len(body), MAGIC_COOKIE, transaction_id) + body
+
+
+def build_binding_response(transaction_id: bytes, ip: str, port: int) -> bytes:
+    """Encode a Binding success response whose XOR-MAPPED-ADDRESS is ``ip:port`` (32 bytes).
+
+    This is what a STUN server answers a Binding Request with: ``transaction_id`` is the
+    request's, ``ip:port`` the source address the request came from.
+    """
+    if len(transaction_id) != TRANSACTION_ID_SIZE:
+        raise StunError(f"transaction id must be 12 bytes, got {len(transaction_id)}")
+    try:
+        packed = IPv4Address(ip).packed
+    except ValueError:
+        raise StunError(f"not an IPv4 address: {ip!r}") from None
+    if not 0 <= port <= 0xFFFF:
+        raise StunError(f"port out of range: {port}")
+    xport = port ^ (MAGIC_COOKIE >> 16)
+    xaddr = (int.from_bytes(packed, "big") ^ MAGIC_COOKIE).to_bytes(4, "big")
+    value = _ADDRESS_V4.pack(FAMILY_IPV4, xport, xaddr)
+    body = _ATTR.pack(ATTR_XOR_MAPPED_ADDRESS, len(value)) + value
+    return _HEADER.pack(BINDING_SUCCESS, len(body), MAGIC_COOKIE, transaction_id) + body
 
 
 def looks_like_stun(data: bytes) -> bool:

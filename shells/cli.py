@@ -33,6 +33,14 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _not_library_chatter(record: logging.LogRecord) -> bool:
+    """Drop pyroute2's records below WARNING: it logs every netlink message at DEBUG.
+
+    (A handler filter, because importing pyroute2 resets its logger's level.)
+    """
+    return record.levelno >= logging.WARNING or not record.name.startswith("pyroute2")
+
+
 def configure_logging(settings: DaemonSettings) -> None:
     """Log to stderr at INFO, or DEBUG with ``--debug``/``--verbose``.
 
@@ -49,6 +57,7 @@ def configure_logging(settings: DaemonSettings) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
         )
+    handler.addFilter(_not_library_chatter)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if settings.debug or settings.verbose else logging.INFO)
 

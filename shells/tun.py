@@ -8,6 +8,7 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 from types import TracebackType
 from typing import Self
 
@@ -75,7 +76,28 @@ class TunDevice:
         return cls(fd, actual, mtu, txqueuelen)
 
     def configure(self, interface: ipaddress.IPv4Interface) -> None:
-        """Set the only IPv4 address, MTU and txqueuelen, and bring the link up."""
+        """Set the only IPv4 address, MTU and txqueuelen, and bring the link up.
+
+        Blocks until done. The netlink work runs in a short-lived helper thread: pyroute2's
+        synchronous ``IPRoute`` drives an asyncio loop of its own and picks up the caller's
+        running loop when there is one, which fails inside an asyncio shell ("this event
+        loop is already running").
+        """
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._configure_netlink(interface)
+            except BaseException as exc:  # handed back to the caller below
+                errors.append(exc)
+
+        worker = threading.Thread(target=work, name=f"configure-{self.name}", daemon=True)
+        worker.start()
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def _configure_netlink(self, interface: ipaddress.IPv4Interface) -> None:
         from pyroute2 import IPRoute  # imported lazily: a slow import not every user needs
 
         address = str(interface.ip)

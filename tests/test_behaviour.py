@@ -32,7 +32,6 @@ from runtimes import (
     udp_packet,
     wait_until,
 )
-from websockets.exceptions import ConnectionClosed
 
 from candy_core import events as ev
 from candy_core.config import ClientConfig, ServerConfig
@@ -236,15 +235,22 @@ def test_idle_connections_time_out_but_pinging_clients_stay(adapter: RuntimeAdap
     b = adapter.start_client(client_config(server, **keepalive))
     join(server, a, b)
 
-    with ws_connect(server.port) as silent:
-        ws_join(silent, IPv4Address("10.99.0.251"))
+    # A member that went quiet for good: joins, then neither sends nor answers pings.
+    with socket.create_connection((HOST, server.port), timeout=8) as silent:
+        silent.sendall(
+            b"GET / HTTP/1.1\r\nHost: h:1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        auth = msg_auth(PASSWORD, IPv4Address("10.99.0.251"), int(time.time()))
+        silent.sendall(bytes((0x82, 0x80 | len(auth))) + b"\0\0\0\0" + auth)  # zero mask
         start = time.monotonic()
-        with pytest.raises(ConnectionClosed):
-            silent.recv(timeout=6)
+        received = b""
+        while chunk := silent.recv(4096):
+            received += chunk
         elapsed = time.monotonic() - start
         assert 1.0 <= elapsed <= 5.0, elapsed
-        assert silent.close_code == 1001
-        assert "idle" in (silent.close_reason or "")
+        assert b"\x89" in received, "the server did not ping the silent member first"
+        assert b"idle timeout" in received, received
 
     time.sleep(max(0.0, 3.0 - (time.monotonic() - start)))
     for client in (a, b):

@@ -871,6 +871,22 @@ def test_idle_timeout(relay: Relay) -> None:
     assert ip("10.99.0.1") not in relay.server.clients
 
 
+def test_silent_client_is_pinged_and_kept_while_it_answers(relay: Relay) -> None:
+    """A client that only receives never pings; the server asks, and a PONG keeps it."""
+    idle_timeout = relay.server.config.idle_timeout
+    listener = relay.join("10.99.0.1")
+    relay.advance(idle_timeout / 3 + 1)
+    pings = listener.controls(OP_PING)
+    assert pings, "the server did not ping a silent client"
+    for _ in range(4):
+        listener.send(pings[-1], OP_PONG)
+        relay.advance(idle_timeout / 2)
+        pings = listener.controls(OP_PING) or pings
+    assert not listener.closed
+    relay.advance(idle_timeout + 1)  # stops answering: closed as idle
+    assert listener.close_frame == (CLOSE_GOING_AWAY, "idle timeout")
+
+
 # --- slow readers -----------------------------------------------------------------------------
 def test_slow_reader_gets_a_bounded_backlog() -> None:
     relay = Relay(config(send_queue_limit=3))

@@ -11,6 +11,7 @@ from candy_core.stun import (
     MAGIC_COOKIE,
     StunError,
     build_binding_request,
+    build_binding_response,
     looks_like_stun,
     parse_binding_response,
 )
@@ -165,3 +166,34 @@ def test_unknown_family_rejected() -> None:
 def test_missing_address(attrs: bytes) -> None:
     with pytest.raises(StunError, match="no XOR-MAPPED-ADDRESS"):
         parse_binding_response(response(attrs), TID)
+
+
+@pytest.mark.parametrize(
+    ("ip", "port"), [("198.51.100.7", 40123), ("0.0.0.0", 0), ("255.255.255.255", 65535)]
+)
+def test_binding_response_round_trip(ip: str, port: int) -> None:
+    data = build_binding_response(TID, ip, port)
+    assert len(data) == 32
+    assert looks_like_stun(data)
+    assert parse_binding_response(data, TID) == (ip, port)
+    assert parse_binding_response(data, None) == (ip, port)
+    with pytest.raises(StunError, match="transaction id"):
+        parse_binding_response(data, bytes(12))
+
+
+def test_binding_response_matches_vector() -> None:
+    vec = next(v for v in RESPONSES if "XOR" in v["name"])
+    tid = bytes.fromhex(vec["transaction_id_hex"])
+    data = build_binding_response(tid, vec["ip"], vec["port"])
+    assert parse_binding_response(data, tid) == (vec["ip"], vec["port"])
+    # XOR-MAPPED-ADDRESS attribute bytes are the same as in the vector
+    assert data[20:32].hex() in vec["message_hex"]
+
+
+@pytest.mark.parametrize(
+    ("tid", "ip", "port"),
+    [(bytes(11), "1.2.3.4", 1), (TID, "::1", 1), (TID, "1.2.3", 1), (TID, "1.2.3.4", 65536)],
+)
+def test_binding_response_rejects_bad_input(tid: bytes, ip: str, port: int) -> None:
+    with pytest.raises(StunError):
+        build_binding_response(tid, ip, port)

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from candy_core.config import ClientConfig, ServerConfig
+from candy_core.peers import PeerStatus
 from candy_core.server import RelayServer
 from shells.common import system_rng
 from shells.pump import ClientPump, ServerPump
@@ -414,6 +415,11 @@ class BlockingClient:
             if left <= 0:
                 return None
             self._packet_ready.wait(left)
+
+    def peer_status(self) -> list[PeerStatus]:
+        """Each peer's state, endpoint, last heartbeat and delay (empty without STUN)."""
+        with self._loop.lock:
+            return self.core.peers.peer_status()
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until the client has joined the network; ``False`` on timeout."""

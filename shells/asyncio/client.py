@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -13,9 +14,10 @@ from typing import TYPE_CHECKING
 
 from candy_core.client import Client as ClientCore
 from candy_core.config import ClientConfig
-from candy_core.events import AddressChanged, ClientEvent, Connected, Disconnected
-from shells.common import client_config_for_run, client_ssl_context, describe, system_rng
-from shells.state import StateStore
+from candy_core.events import ClientEvent
+from candy_core.peers import PeerStatus
+from shells.common import client_ssl_context
+from shells.pump import ClientPump
 from shells.tun import TunDevice
 
 if TYPE_CHECKING:
@@ -24,8 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("candy.asyncio")
 
 EventHandler = Callable[[ClientEvent], None]
-#: Packets queued for an embedding program that does not read them (beyond: dropped).
-PACKET_QUEUE = 4096
 CONNECT_TIMEOUT = 10.0
 
 
@@ -102,11 +102,14 @@ class Client:
     ) -> None:
         self.config = config
         self._ssl = ssl_context
-        self._use_tun = tun
-        self._store = StateStore(state_dir, config.cache_key)
+        self._pump_args = {
+            "tun": tun,
+            "state_dir": state_dir,
+            "stun": (stun_host, stun_port),
+            "on_event": self._track(on_event),
+        }
         self._udp_port = udp_port
-        self._stun = (stun_host, stun_port)
-        self._on_event = on_event
+        self._pump: ClientPump | None = None
         self.core: ClientCore = None  # type: ignore[assignment]  # made in start()
         self.tun: TunDevice | None = None
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -115,7 +118,7 @@ class Client:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._packets: asyncio.Queue[bytes] = asyncio.Queue(PACKET_QUEUE)
+        self._packet_ready = asyncio.Event()
         self._joined = asyncio.Event()
         self._tun_paused = False
         self._stopped = False
@@ -139,30 +142,47 @@ class Client:
             stun_port=settings.stun_port,
         )
 
+    def _track(self, user: EventHandler | None) -> Callable[[object], None]:
+        def handler(event: object) -> None:
+            if self._pump is not None and self._pump.joined:
+                self._joined.set()
+            else:
+                self._joined.clear()
+            if user is not None:
+                user(event)  # type: ignore[arg-type]
+
+        return handler
+
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         """Create the TUN device (if wanted), the UDP socket (if P2P) and connect."""
         self._loop = asyncio.get_running_loop()
-        rng = system_rng()
-        config = await self._loop.run_in_executor(
-            None, client_config_for_run, self.config, *self._stun
+        # Resolving names and reading the saved state block: do it off the loop.
+        pump = await self._loop.run_in_executor(
+            None, functools.partial(ClientPump, self.config, **self._pump_args)
         )
-        self.config = config
-        self.core = ClientCore(config, rng, self._store.load(rng))
-        if self._use_tun:
-            self.tun = TunDevice.create(config.interface_name)
+        self._pump = pump
+        self.config = pump.config
+        self.core = pump.core
+        self.tun = pump.tun
+        pump.write_server = self._write_server
+        pump.close_server = self._close_server
+        pump.open_connection = self._open_connection
+        pump.packets_ready = self._packet_ready.set
+        if self.tun is not None:
             self._loop.add_reader(self.tun.fileno(), self._on_tun)
-        if config.stun is not None:
+        if self.config.stun is not None:
             self._udp, _ = await self._loop.create_datagram_endpoint(
                 lambda: _Udp(self), local_addr=("0.0.0.0", self._udp_port)
             )
+            pump.send_datagram = self._udp.sendto
             self.core.udp_bound(self._udp.get_extra_info("sockname")[1])
         self.core.start(self._loop.time())
         self._flush()
 
     async def stop(self) -> None:
         """Say goodbye to the server, remove the TUN device, cancel everything."""
-        if self._stopped or self.core is None:
+        if self._stopped or self._pump is None:
             self._stopped = True
             return
         self._stopped = True
@@ -183,8 +203,8 @@ class Client:
         if self.tun is not None:
             if not self._tun_paused:
                 self._loop.remove_reader(self.tun.fileno())
-            self.tun.close()
             self.tun = None
+        self._pump.close()
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -201,7 +221,12 @@ class Client:
 
     async def recv_packet(self) -> bytes:
         """The next IPv4 packet from the network (only with ``tun=False``)."""
-        return await self._packets.get()
+        assert self._pump is not None, "call start() first"
+        packets = self._pump.packets
+        while not packets:
+            self._packet_ready.clear()
+            await self._packet_ready.wait()
+        return packets.popleft()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the client has joined the network (AUTH sent with its address)."""
@@ -211,6 +236,10 @@ class Client:
     def address(self) -> IPv4Interface | None:
         """Our virtual address, once known."""
         return self.core.address if self.core else None
+
+    def peer_status(self) -> list[PeerStatus]:
+        """Each peer's state, endpoint, last heartbeat and delay (empty without STUN)."""
+        return self.core.peers.peer_status() if self.core else []
 
     # --- plumbing -----------------------------------------------------------------------
     def _on_tun(self) -> None:
@@ -233,39 +262,28 @@ class Client:
             self._tun_paused = False
             self._loop.add_reader(self.tun.fileno(), self._on_tun)
 
-    def _flush(self) -> None:
-        core = self.core
+    def _write_server(self, data: bytes) -> None:
         link = self._link
-        data = core.data_to_send()
-        if data and link is not None and link.transport is not None:
+        if link is not None and link.transport is not None:
             link.transport.write(data)
-        if core.take_close_request() and link is not None:
-            self._link = None
-            if link.transport is not None:
-                link.transport.close()
-            self._resume_tun()
-        packets = core.packets_to_deliver()
-        if packets:
-            if self.tun is not None:
-                write = self.tun.write
-                for packet in packets:
-                    write(packet)
-            else:
-                for packet in packets:
-                    with contextlib.suppress(asyncio.QueueFull):
-                        self._packets.put_nowait(packet)
-        if self._udp is not None:
-            for datagram, addr in core.datagrams_to_send():
-                self._udp.sendto(datagram, addr)
-        while (event := core.next_event()) is not None:
-            self._handle_event(event)
+
+    def _close_server(self) -> None:
+        link, self._link = self._link, None
+        if link is not None and link.transport is not None:
+            link.transport.close()
+        self._resume_tun()
+
+    def _open_connection(self) -> None:
         if self._stopped:
             return
-        if core.take_connect_request():
-            task = self._loop.create_task(self._connect())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        deadline = core.next_deadline()
+        task = self._loop.create_task(self._connect())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _flush(self) -> None:
+        deadline = self._pump.flush()  # type: ignore[union-attr]
+        if self._stopped:
+            return
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
@@ -297,20 +315,3 @@ class Client:
                 reason = f"no answer within {CONNECT_TIMEOUT:g} s"
             self.core.connection_failed(self._loop.time(), reason)
             self._flush()
-
-    def _handle_event(self, event: ClientEvent) -> None:
-        log.info("%s", describe(event))
-        if isinstance(event, AddressChanged):
-            if self.tun is not None:
-                self.tun.configure(event.address)
-            if self.config.tun is None:
-                self._store.save_address(event.address)
-        elif isinstance(event, Connected):
-            self._joined.set()
-        elif isinstance(event, Disconnected):
-            self._joined.clear()
-        if self._on_event is not None:
-            try:
-                self._on_event(event)
-            except Exception:
-                log.exception("event handler failed")

@@ -7,12 +7,13 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from candy_core.config import ServerConfig
 from candy_core.events import ServerEvent
 from candy_core.server import RelayServer
-from shells.common import describe, system_rng
+from shells.common import system_rng
+from shells.pump import ServerPump
 
 log = logging.getLogger("candy.asyncio")
 
@@ -86,8 +87,8 @@ class Server:
         self.port = port
         self.core = RelayServer(config, system_rng())
         self._ssl = ssl_context
-        self._on_event = on_event
-        self._transports: dict[int, asyncio.Transport] = {}
+        self._transports: dict[Hashable, asyncio.Transport] = {}
+        self._pump = ServerPump(self.core, self._write, self._close, on_event)
         self._ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -137,24 +138,7 @@ class Server:
         await self.stop()
 
     def _flush(self) -> None:
-        core = self.core
-        transports = self._transports
-        for cid, data in core.data_to_send():
-            transport = transports.get(cid)
-            if transport is not None:
-                transport.write(data)
-        for cid in core.connections_to_close():
-            transport = transports.pop(cid, None)
-            if transport is not None:
-                transport.close()
-        while (event := core.next_event()) is not None:
-            log.debug("%s", describe(event))
-            if self._on_event is not None:
-                try:
-                    self._on_event(event)
-                except Exception:
-                    log.exception("event handler failed")
-        deadline = core.next_deadline()
+        deadline = self._pump.flush()
         if self._stopped:
             return
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
@@ -162,6 +146,16 @@ class Server:
                 self._timer.cancel()
             self._timer_at = deadline
             self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _write(self, cid: Hashable, data: bytes) -> None:
+        transport = self._transports.get(cid)
+        if transport is not None:
+            transport.write(data)
+
+    def _close(self, cid: Hashable) -> None:
+        transport = self._transports.pop(cid, None)
+        if transport is not None:
+            transport.close()
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -131,6 +131,7 @@ class Client:
         self._last_recv = 0.0
         self._last_ping = 0.0
         self._close_reason: str | None = None
+        self._handshake_ts = 0
         self._started = False
         self.stats = ClientStats()
         self.peers = PeerManager(config, rng, self._send_message)
@@ -411,7 +412,9 @@ class Client:
 
     def _send_handshake(self, wall: float) -> None:
         cfg = self.config
-        ts = int(wall)
+        # The server refuses handshake bytes it has seen before (replay window); a reconnect
+        # within the same second must not repeat them, so timestamps only go forward.
+        ts = self._handshake_ts = max(int(wall), self._handshake_ts + 1)
         self._send_binary(
             m.Vmac.create(cfg.password, self.state.vmac, ts, self._padding()).encode()
         )
@@ -476,4 +479,4 @@ class Client:
             log.debug("assigned address %s", address)
             self._events.append(AddressChanged(address))
             self.peers.set_address(address)
-        self._send_auth(int(wall))
+        self._send_auth(self._handshake_ts)

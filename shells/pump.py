@@ -127,7 +127,10 @@ class ClientPump:
         log.info("%s", describe(event))
         if isinstance(event, AddressChanged):
             if self.tun is not None:
-                self.tun.configure(event.address)
+                try:
+                    self.tun.configure(event.address)
+                except OSError as exc:
+                    log.error("cannot configure %s with %s: %s", self.tun.name, event.address, exc)
             if self.config.tun is None:
                 self.store.save_address(event.address)
         elif isinstance(event, Connected):

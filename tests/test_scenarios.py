@@ -469,3 +469,23 @@ def test_a_newer_connection_takes_over_a_static_address() -> None:
     assert net.server.clients[IPv4Address("10.99.0.50")] == second.cid
     other.take_received()
     assert_reachable(net, other, second)
+
+
+def test_reconnecting_within_one_second_is_not_mistaken_for_a_replay() -> None:
+    """Handshake timestamps only go forward, so a quick reconnect is not refused."""
+    net = Net(seed=7)
+    node = net.client("quick")
+    net.run_until(lambda: node.client.authenticated, 5)
+    for _ in range(3):  # drop and come back several times within the same wall second
+        cid = node.cid
+        assert cid is not None
+        net.server.connection_lost(cid)
+        net.links.pop(cid, None)
+        node.cid = None
+        node.client.connection_lost(net.now, "connection reset by peer")
+        node.client._connect_at = net.now  # reconnect at once (an embedder's tiny back-off)
+        node.client.handle_timer(net.now)
+        net.pump()
+        assert node.client.authenticated
+    refusals = [e for e in net.server_events if "replay" in getattr(e, "reason", "")]
+    assert not refusals, refusals

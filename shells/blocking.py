@@ -23,6 +23,7 @@ from candy_core.peers import PeerStatus
 from candy_core.server import RelayServer
 from shells.common import system_rng
 from shells.pump import ClientPump, ServerPump
+from shells.udp import UdpSocket
 
 log = logging.getLogger("candy.blocking")
 
@@ -329,13 +330,12 @@ class BlockingClient:
         self.core = self._pump.core
         self._loop = _Loop(self.kit, self.core.handle_timer, self._pump.flush)
         self._writer: _Writer | None = None
-        self._udp: Any = None
+        self._udp: UdpSocket | None = None
         self._packet_ready = self.kit.event()
         self._joined = self.kit.event()
         pump = self._pump
         pump.write_server = self._write_server
         pump.close_server = self._close_server
-        pump.send_datagram = self._send_datagram
         pump.open_connection = lambda: self._loop.spawn(self._connect)
         pump.packets_ready = self._packet_ready.set
         pump.on_event = self._track(on_event)
@@ -359,13 +359,10 @@ class BlockingClient:
     def start(self) -> None:
         """Start the workers and connect."""
         loop = self._loop
-        sock_mod = self.kit.socket
         if self.config.stun is not None:
-            udp = sock_mod.socket(sock_mod.AF_INET, sock_mod.SOCK_DGRAM)
-            udp.bind(("0.0.0.0", self._udp_port))
-            udp.settimeout(POLL)
-            self._udp = udp
-            self.core.udp_bound(udp.getsockname()[1])
+            self._udp = UdpSocket(self._udp_port)
+            self._pump.send_datagram = self._udp.send
+            self.core.udp_bound(self._udp.port)
             loop.spawn(self._udp_reader)
         if self._pump.tun is not None:
             loop.spawn(self._tun_reader)
@@ -471,26 +468,21 @@ class BlockingClient:
         if writer is not None:
             writer.close()
 
-    def _send_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._udp is not None:
-            with contextlib.suppress(OSError):
-                self._udp.sendto(data, addr)
-
     def _udp_reader(self) -> None:
         loop = self._loop
         udp = self._udp
-        timeout_error = self.kit.socket.timeout
+        assert udp is not None
+        fd = udp.fileno()
         while not loop.stopping:
-            try:
-                data, addr = udp.recvfrom(RECV_SIZE)
-            except timeout_error:
+            if not self.kit.wait_readable(fd, POLL):
                 continue
-            except OSError:
-                if loop.stopping:
-                    return
+            batch = udp.recv_batch(64)
+            if not batch:
                 continue
             with loop.lock:
-                self.core.receive_datagram(data, addr, time.monotonic())
+                now = time.monotonic()
+                for data, addr in batch:
+                    self.core.receive_datagram(data, addr, now)
                 loop.flushed()
 
     def _tun_reader(self) -> None:

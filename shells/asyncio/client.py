@@ -19,6 +19,7 @@ from candy_core.peers import PeerStatus
 from shells.common import client_ssl_context
 from shells.pump import ClientPump
 from shells.tun import TunDevice
+from shells.udp import UdpSocket
 
 if TYPE_CHECKING:
     from shells.settings import DaemonSettings
@@ -62,19 +63,6 @@ class _ServerLink(asyncio.Protocol):
         self.client._resume_tun()
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        client = self.client
-        client.core.receive_datagram(data, addr, client._loop.time())
-        client._flush()
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("UDP error: %s", exc)
-
-
 class Client:
     """A Candy client on the running asyncio loop.
 
@@ -114,7 +102,7 @@ class Client:
         self.tun: TunDevice | None = None
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._link: _ServerLink | None = None
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: UdpSocket | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -172,11 +160,10 @@ class Client:
         if self.tun is not None:
             self._loop.add_reader(self.tun.fileno(), self._on_tun)
         if self.config.stun is not None:
-            self._udp, _ = await self._loop.create_datagram_endpoint(
-                lambda: _Udp(self), local_addr=("0.0.0.0", self._udp_port)
-            )
-            pump.send_datagram = self._udp.sendto
-            self.core.udp_bound(self._udp.get_extra_info("sockname")[1])
+            self._udp = UdpSocket(self._udp_port)
+            pump.send_datagram = self._udp.send
+            self.core.udp_bound(self._udp.port)
+            self._loop.add_reader(self._udp.fileno(), self._on_udp)
         self.core.start(self._loop.time())
         self._flush()
 
@@ -199,6 +186,7 @@ class Client:
             self._link.transport.abort()
             self._link = None
         if self._udp is not None:
+            self._loop.remove_reader(self._udp.fileno())
             self._udp.close()
         if self.tun is not None:
             if not self._tun_paused:
@@ -250,6 +238,16 @@ class Client:
         now = self._loop.time()
         for packet in tun.read_batch(64):
             core.receive_packet(packet, now)
+        self._flush()
+
+    def _on_udp(self) -> None:
+        udp = self._udp
+        if udp is None:
+            return
+        core = self.core
+        now = self._loop.time()
+        for data, addr in udp.recv_batch(64):
+            core.receive_datagram(data, addr, now)
         self._flush()
 
     def _pause_tun(self) -> None:

@@ -514,29 +514,14 @@ def run_daemon(
     wait_for_signal: Callable[[Callable[[], None]], None],
 ) -> int:
     """Run ``candy`` on a blocking runtime until SIGINT/SIGTERM."""
-    from shells.common import client_ssl_context, server_ssl_context
+    from shells.common import client_kwargs, server_kwargs
 
     node: BlockingServer | BlockingClient
-    kit = server_cls.kit
+    ssl_module = server_cls.kit.ssl
     if settings.mode == "server":
-        ctx = None
-        if settings.ws_scheme == "wss":
-            ctx = server_ssl_context(str(settings.tls_cert), str(settings.tls_key), kit.ssl)
-        node = server_cls(settings.server, settings.ws_host, settings.ws_port, ctx)
+        node = server_cls(settings.server, **server_kwargs(settings, ssl_module))
     else:
-        ctx = None
-        if settings.ws_scheme == "wss":
-            ca = str(settings.tls_ca) if settings.tls_ca else None
-            ctx = client_ssl_context(settings.tls_verify, ca, kit.ssl)
-        node = client_cls(
-            settings.client,
-            ssl_context=ctx,
-            tun=True,
-            state_dir=str(settings.state_dir),
-            udp_port=settings.udp_port,
-            stun_host=settings.stun_host,
-            stun_port=settings.stun_port,
-        )
+        node = client_cls(settings.client, **client_kwargs(settings, ssl_module))
     try:
         node.start()
     except OSError as exc:

@@ -9,9 +9,13 @@ import socket
 import ssl
 import time
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from candy_core import events as ev
 from candy_core.config import ClientConfig
+
+if TYPE_CHECKING:
+    from shells.settings import DaemonSettings
 
 log = logging.getLogger("candy")
 
@@ -99,3 +103,27 @@ def client_config_for_run(
         if lan:
             changes["localhost"] = lan
     return dataclasses.replace(config, **changes) if changes else config  # type: ignore[arg-type]
+
+
+def server_kwargs(settings: DaemonSettings, ssl_module: ModuleType = ssl) -> dict[str, Any]:
+    """Listening address and TLS context of the daemon's server, for any runtime's Server."""
+    ctx = None
+    if settings.ws_scheme == "wss":
+        ctx = server_ssl_context(str(settings.tls_cert), str(settings.tls_key), ssl_module)
+    return {"host": settings.ws_host, "port": settings.ws_port, "ssl_context": ctx}
+
+
+def client_kwargs(settings: DaemonSettings, ssl_module: ModuleType = ssl) -> dict[str, Any]:
+    """Everything but the config for the daemon's client, for any runtime's Client."""
+    ctx = None
+    if settings.ws_scheme == "wss":
+        ca = str(settings.tls_ca) if settings.tls_ca else None
+        ctx = client_ssl_context(settings.tls_verify, ca, ssl_module)
+    return {
+        "ssl_context": ctx,
+        "tun": True,
+        "state_dir": str(settings.state_dir),
+        "udp_port": settings.udp_port,
+        "stun_host": settings.stun_host,
+        "stun_port": settings.stun_port,
+    }

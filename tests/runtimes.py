@@ -149,7 +149,7 @@ class _AsyncioServer:
         left = []
         if self._server._transports:
             left.append(f"server on port {self.port}: open connections")
-        if self._server._timer is not None and not self._server._timer.cancelled():
+        if self._server._timer is not None and self._server._timer.armed:
             left.append(f"server on port {self.port}: armed timer")
         return left
 
@@ -209,7 +209,7 @@ class _AsyncioClient:
             left.append("client: server connection still open")
         if client._tasks:
             left.append(f"client: {len(client._tasks)} tasks")
-        if client._timer is not None and not client._timer.cancelled():
+        if client._timer is not None and client._timer.armed:
             left.append("client: armed timer")
         return left
 

@@ -16,7 +16,8 @@ from candy_core.client import Client as ClientCore
 from candy_core.config import ClientConfig
 from candy_core.events import ClientEvent
 from candy_core.peers import PeerStatus
-from shells.common import client_ssl_context
+from shells.asyncio.timer import DeadlineTimer
+from shells.common import client_kwargs
 from shells.pump import ClientPump
 from shells.tun import TunDevice
 from shells.udp import UdpSocket
@@ -103,8 +104,7 @@ class Client:
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._link: _ServerLink | None = None
         self._udp: UdpSocket | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer: DeadlineTimer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._packet_ready = asyncio.Event()
         self._joined = asyncio.Event()
@@ -115,20 +115,7 @@ class Client:
     def from_settings(cls, settings: DaemonSettings) -> Client:
         """The daemon's client, from parsed command-line/config settings."""
         assert settings.client is not None
-        ctx = None
-        if settings.ws_scheme == "wss":
-            ctx = client_ssl_context(
-                settings.tls_verify, str(settings.tls_ca) if settings.tls_ca else None
-            )
-        return cls(
-            settings.client,
-            ssl_context=ctx,
-            tun=True,
-            state_dir=str(settings.state_dir),
-            udp_port=settings.udp_port,
-            stun_host=settings.stun_host,
-            stun_port=settings.stun_port,
-        )
+        return cls(settings.client, **client_kwargs(settings))
 
     def _track(self, user: EventHandler | None) -> Callable[[object], None]:
         def handler(event: object) -> None:
@@ -145,6 +132,7 @@ class Client:
     async def start(self) -> None:
         """Create the TUN device (if wanted), the UDP socket (if P2P) and connect."""
         self._loop = asyncio.get_running_loop()
+        self._timer = DeadlineTimer(self._loop, self._on_timer)
         # Resolving names and reading the saved state block: do it off the loop.
         pump = await self._loop.run_in_executor(
             None, functools.partial(ClientPump, self.config, **self._pump_args)
@@ -282,16 +270,11 @@ class Client:
         deadline = self._pump.flush()  # type: ignore[union-attr]
         if self._stopped:
             return
-        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        if self._timer is not None:
+            self._timer.arm(deadline)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self.core.handle_timer(self._loop.time())
+    def _on_timer(self, now: float) -> None:
+        self.core.handle_timer(now)
         self._flush()
 
     async def _connect(self) -> None:

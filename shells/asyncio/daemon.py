@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from shells.common import server_ssl_context
+from shells.common import server_kwargs
 from shells.settings import DaemonSettings
 
 log = logging.getLogger("candy.asyncio")
@@ -47,10 +47,7 @@ def run(settings: DaemonSettings) -> int:
         from shells.asyncio.server import Server
 
         assert settings.server is not None
-        ssl_ctx = None
-        if settings.ws_scheme == "wss":
-            ssl_ctx = server_ssl_context(str(settings.tls_cert), str(settings.tls_key))
-        node = Server(settings.server, settings.ws_host, settings.ws_port, ssl_ctx)
+        node = Server(settings.server, **server_kwargs(settings))
     else:
         from shells.asyncio.client import Client
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable
 from candy_core.config import ServerConfig
 from candy_core.events import ServerEvent
 from candy_core.server import RelayServer
+from shells.asyncio.timer import DeadlineTimer
 from shells.common import system_rng
 from shells.pump import ServerPump
 
@@ -91,14 +92,14 @@ class Server:
         self._pump = ServerPump(self.core, self._write, self._close, on_event)
         self._ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer: DeadlineTimer | None = None
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped = False
 
     async def start(self) -> None:
         """Start listening; :attr:`port` is the real port afterwards (useful with port 0)."""
         self._loop = asyncio.get_running_loop()
+        self._timer = DeadlineTimer(self._loop, self._on_timer)
         self._server = await self._loop.create_server(
             lambda: _Connection(self, next(self._ids)),
             self.host,
@@ -120,7 +121,6 @@ class Server:
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         if self._server is not None:
             self._server.close()
         for transport in list(self._transports.values()):
@@ -141,11 +141,8 @@ class Server:
         deadline = self._pump.flush()
         if self._stopped:
             return
-        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        if self._timer is not None:
+            self._timer.arm(deadline)
 
     def _write(self, cid: Hashable, data: bytes) -> None:
         transport = self._transports.get(cid)
@@ -157,8 +154,6 @@ class Server:
         if transport is not None:
             transport.close()
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self.core.handle_timer(self._loop.time())
+    def _on_timer(self, now: float) -> None:
+        self.core.handle_timer(now)
         self._flush()

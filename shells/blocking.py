@@ -50,7 +50,7 @@ class Kit:
     socket: ModuleType
     ssl: ModuleType
     wait_readable: Callable[[int, float], bool]
-    queue_empty: type[Exception]
+    alive: Callable[[Any], bool]
     sleep: Callable[[float], None]
 
 
@@ -70,7 +70,11 @@ class _Loop:
         self.workers: list[Any] = []
 
     def spawn(self, fn: Callable[..., None], *args: object) -> None:
-        self.workers.append(self.kit.spawn(self._guard, fn, *args))
+        workers = self.workers
+        if len(workers) % 64 == 63:  # forget finished workers now and then: bounded memory
+            alive = self.kit.alive
+            workers[:] = [w for w in workers if alive(w)]
+        workers.append(self.kit.spawn(self._guard, fn, *args))
 
     def _guard(self, fn: Callable[..., None], *args: object) -> None:
         try:
@@ -140,12 +144,7 @@ class _Writer:
         sock = self.sock
         try:
             while True:
-                try:
-                    data = self.queue.get(timeout=POLL)
-                except self.loop.kit.queue_empty:
-                    if self.loop.stopping:
-                        break
-                    continue
+                data = self.queue.get()  # every way out (close, stop) enqueues None
                 if data is None:
                     break
                 sock.sendall(data)

@@ -33,7 +33,7 @@ KIT = Kit(
     socket=gevent.socket,
     ssl=gevent.ssl,
     wait_readable=_wait_readable,
-    queue_empty=gevent.queue.Empty,
+    alive=lambda greenlet: not greenlet.dead,
     sleep=gevent.sleep,
 )
 

@@ -36,7 +36,7 @@ KIT = Kit(
     socket=socket,
     ssl=ssl,
     wait_readable=_wait_readable,
-    queue_empty=queue.Empty,
+    alive=threading.Thread.is_alive,
     sleep=time.sleep,
 )
 

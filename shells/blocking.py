@@ -360,7 +360,7 @@ class BlockingClient:
         loop = self._loop
         if self.config.stun is not None:
             self._udp = UdpSocket(self._udp_port)
-            self._pump.send_datagram = self._udp.send
+            self._pump.send_datagrams = self._udp.send_many
             self.core.udp_bound(self._udp.port)
             loop.spawn(self._udp_reader)
         if self._pump.tun is not None:

@@ -89,7 +89,9 @@ class ClientPump:
         self.joined = False
         self.write_server: Callable[[bytes], None] = lambda data: None
         self.close_server: Callable[[], None] = lambda: None
-        self.send_datagram: Callable[[bytes, tuple[str, int]], None] = lambda d, a: None
+        self.send_datagrams: Callable[[list[tuple[bytes, tuple[str, int]]]], None] = (
+            lambda datagrams: None
+        )
         self.open_connection: Callable[[], None] = lambda: None
         self.packets_ready: Callable[[], None] = lambda: None
 
@@ -110,8 +112,9 @@ class ClientPump:
             else:
                 self.packets.extend(packets)
                 self.packets_ready()
-        for datagram, addr in core.datagrams_to_send():
-            self.send_datagram(datagram, addr)
+        datagrams = core.datagrams_to_send()
+        if datagrams:
+            self.send_datagrams(datagrams)
         while (event := core.next_event()) is not None:
             self._handle_event(event)
         if core.take_connect_request():

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
+from collections.abc import Sequence
 
 #: Socket buffers: a burst of tunnel traffic must not overflow the kernel's default queue.
 BUFFER_SIZE = 4 * 1024 * 1024
 RECV_SIZE = 65536
+#: Linux UDP generic segmentation offload: many equal-sized datagrams in one sendmsg.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+
+Addr = tuple[str, int]
 
 
 class UdpSocket:
@@ -28,6 +37,8 @@ class UdpSocket:
         self.port: int = sock.getsockname()[1]
         #: Datagrams not sent because the socket buffer was full (or the send failed).
         self.dropped = 0
+        #: Off once the kernel refuses segmentation offload; then every datagram is sent alone.
+        self.gso = True
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -51,6 +62,50 @@ class UdpSocket:
             self._sock.sendto(data, addr)
         except OSError:
             self.dropped += 1
+
+    def send_many(self, datagrams: Sequence[tuple[bytes, Addr]]) -> None:
+        """Send datagrams in order, coalescing runs to one peer into one GSO ``sendmsg``.
+
+        A run is a sequence of datagrams to the same address whose sizes are equal except
+        that the last may be shorter; the kernel splits it back into those datagrams.
+        """
+        if len(datagrams) == 1 or not self.gso:
+            for data, addr in datagrams:
+                self.send(data, addr)
+            return
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
+            size = len(data)
+            j = i + 1
+            total = size
+            while (
+                j < n
+                and j - i < GSO_MAX_SEGMENTS
+                and datagrams[j][1] == addr
+                and total + len(datagrams[j][0]) <= GSO_MAX_BYTES
+                and len(datagrams[j - 1][0]) == size
+                and len(datagrams[j][0]) <= size
+            ):
+                total += len(datagrams[j][0])
+                j += 1
+            if j - i == 1:
+                self.send(data, addr)
+            else:
+                self._send_segments([d for d, _ in datagrams[i:j]], size, addr)
+            i = j
+
+    def _send_segments(self, segments: list[bytes], size: int, addr: Addr) -> None:
+        try:
+            self._sock.sendmsg(
+                [b"".join(segments)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, addr
+            )
+        except (BlockingIOError, InterruptedError):
+            self.dropped += len(segments)
+        except OSError:  # no segmentation offload here: from now on one datagram per call
+            self.gso = False
+            for segment in segments:
+                self.send(segment, addr)
 
     def close(self) -> None:
         self._sock.close()

@@ -149,7 +149,7 @@ class Client:
             self._loop.add_reader(self.tun.fileno(), self._on_tun)
         if self.config.stun is not None:
             self._udp = UdpSocket(self._udp_port)
-            pump.send_datagram = self._udp.send
+            pump.send_datagrams = self._udp.send_many
             self.core.udp_bound(self._udp.port)
             self._loop.add_reader(self._udp.fileno(), self._on_udp)
         self.core.start(self._loop.time())

@@ -68,6 +68,8 @@ class _Loop:
         self._deadline: float | None = None
         self._wake = kit.event()
         self.workers: list[Any] = []
+        #: Writers currently behind (over the high-water mark); readers then yield.
+        self.backlogged = 0
 
     def spawn(self, fn: Callable[..., None], *args: object) -> None:
         workers = self.workers
@@ -135,6 +137,7 @@ class _Writer:
         self.pending += len(data)
         if not self.paused and self.pending > HIGH_WATER:
             self.paused = True
+            self.loop.backlogged += 1
             self._on_pause()
 
     def close(self) -> None:  # lock held: write what is queued, then close
@@ -153,6 +156,7 @@ class _Writer:
                         self.pending -= len(data)
                         if self.pending < LOW_WATER:
                             self.paused = False
+                            self.loop.backlogged -= 1
                             self._on_resume()
                             self.loop.flushed()
                 else:
@@ -160,6 +164,10 @@ class _Writer:
         except OSError as exc:
             log.debug("write failed: %s", exc)
         finally:
+            if self.paused:
+                with self.loop.lock:
+                    self.paused = False
+                    self.loop.backlogged -= 1
             with contextlib.suppress(OSError):
                 sock.shutdown(self.loop.kit.socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
@@ -181,6 +189,8 @@ def _recv_loop(loop: _Loop, sock: Any, on_data: Callable[[bytes], None]) -> str:
         with loop.lock:
             on_data(data)
             loop.flushed()
+        if loop.backlogged:  # let the writers drain before reading more (greenlets never
+            loop.kit.sleep(0)  # switch on their own while a socket stays readable)
     return "stopping"
 
 

@@ -13,6 +13,8 @@ RECV_SIZE = 65536
 #: Linux UDP generic segmentation offload: many equal-sized datagrams in one sendmsg.
 SOL_UDP = 17
 UDP_SEGMENT = 103
+UDP_GRO = 104
+_CMSG_SPACE = socket.CMSG_SPACE(4)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 
@@ -33,6 +35,12 @@ class UdpSocket:
             sock.close()
             raise
         sock.setblocking(False)
+        #: The kernel may hand over several datagrams of one sender in one read (GRO).
+        self.gro = True
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            self.gro = False
         self._sock = sock
         self.port: int = sock.getsockname()[1]
         #: Datagrams not sent because the socket buffer was full (or the send failed).
@@ -43,16 +51,38 @@ class UdpSocket:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def recv_batch(self, max_datagrams: int = 64) -> list[tuple[bytes, tuple[str, int]]]:
-        """Up to ``max_datagrams`` waiting datagrams with their source addresses."""
+    def recv_batch(self, max_reads: int = 64) -> list[tuple[bytes, Addr]]:
+        """Waiting datagrams with their source addresses, from up to ``max_reads`` reads."""
+        if not self.gro:
+            return self._recvfrom_batch(max_reads)
+        batch = []
+        recvmsg = self._sock.recvmsg
+        for _ in range(max_reads):
+            try:
+                data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # e.g. ICMP port unreachable reported on the socket
+                continue
+            size = 0
+            for level, kind, value in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    size = int.from_bytes(value[:4], "little")
+            if size and len(data) > size:
+                batch.extend((data[k : k + size], addr) for k in range(0, len(data), size))
+            else:
+                batch.append((data, addr))
+        return batch
+
+    def _recvfrom_batch(self, max_reads: int) -> list[tuple[bytes, Addr]]:
         batch = []
         recvfrom = self._sock.recvfrom
-        for _ in range(max_datagrams):
+        for _ in range(max_reads):
             try:
                 batch.append(recvfrom(RECV_SIZE))
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:  # e.g. ICMP port unreachable reported on the socket
+            except OSError:
                 continue
         return batch
 

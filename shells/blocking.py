@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import signal
+import ssl
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ class Kit:
     ssl: ModuleType
     wait_readable: Callable[[int, float], bool]
     alive: Callable[[Any], bool]
+    #: Whether a writer may write to an idle socket directly from the caller's thread.
+    direct_send: bool
     sleep: Callable[[float], None]
 
 
@@ -131,8 +135,24 @@ class _Writer:
         self.paused = False
         self._on_pause = on_pause
         self._on_resume = on_resume
+        # With OS threads, a write to an idle socket goes out at once, without handing it to
+        # the writer thread (a wake-up per write). A socket with a timeout is non-blocking at
+        # the OS level, so a plain write(2) never waits; TLS needs its own framing.
+        self._direct_fd = (
+            sock.fileno()
+            if loop.kit.direct_send and not isinstance(sock, ssl.SSLSocket) and sock.gettimeout()
+            else None
+        )
 
     def write(self, data: bytes) -> None:  # lock held
+        if self._direct_fd is not None and self.pending == 0:
+            try:
+                sent = os.write(self._direct_fd, data)
+            except OSError:  # full, or broken: the writer thread finds out and closes
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         self.queue.put(data)
         self.pending += len(data)
         if not self.paused and self.pending > HIGH_WATER:
@@ -151,21 +171,19 @@ class _Writer:
                 if data is None:
                     break
                 sock.sendall(data)
-                if self.paused:
-                    with self.loop.lock:
-                        self.pending -= len(data)
-                        if self.pending < LOW_WATER:
-                            self.paused = False
-                            self.loop.backlogged -= 1
-                            self._on_resume()
-                            self.loop.flushed()
-                else:
+                with self.loop.lock:  # pending is shared with write(): counted under the lock
                     self.pending -= len(data)
+                    if self.paused and self.pending < LOW_WATER:
+                        self.paused = False
+                        self.loop.backlogged -= 1
+                        self._on_resume()
+                        self.loop.flushed()
         except OSError as exc:
             log.debug("write failed: %s", exc)
         finally:
-            if self.paused:
-                with self.loop.lock:
+            with self.loop.lock:  # write() must not touch the fd once it may be reused
+                self._direct_fd = None
+                if self.paused:
                     self.paused = False
                     self.loop.backlogged -= 1
             with contextlib.suppress(OSError):

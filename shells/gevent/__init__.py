@@ -34,6 +34,7 @@ KIT = Kit(
     ssl=gevent.ssl,
     wait_readable=_wait_readable,
     alive=lambda greenlet: not greenlet.dead,
+    direct_send=False,
     sleep=gevent.sleep,
 )
 

@@ -37,6 +37,7 @@ KIT = Kit(
     ssl=ssl,
     wait_readable=_wait_readable,
     alive=threading.Thread.is_alive,
+    direct_send=True,
     sleep=time.sleep,
 )
 

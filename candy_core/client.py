@@ -9,6 +9,7 @@ hands every byte read to :meth:`Client.receive_data` and every TUN packet to
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
 from collections import deque
@@ -161,8 +162,6 @@ class Client:
         """The TCP (and TLS) connection is up: the upgrade request goes out."""
         cfg = self.config
         if nonce is None:
-            import base64
-
             nonce = base64.b64encode(self._rng.randbytes(16))
         self.phase = Phase.UPGRADING
         # Nothing queued for an earlier connection may precede this one's upgrade request.

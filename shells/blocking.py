@@ -135,6 +135,7 @@ class _Writer:
         self.paused = False
         self._on_pause = on_pause
         self._on_resume = on_resume
+        self._done = loop.kit.event()
         # With OS threads, a write to an idle socket goes out at once, without handing it to
         # the writer thread (a wake-up per write). A socket with a timeout is non-blocking at
         # the OS level, so a plain write(2) never waits; TLS needs its own framing.
@@ -187,9 +188,19 @@ class _Writer:
                     self.paused = False
                     self.loop.backlogged -= 1
             with contextlib.suppress(OSError):
-                sock.shutdown(self.loop.kit.socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(self.loop.kit.socket.SHUT_RDWR)  # wakes the reader
+            self._done.set()
+
+    def finish(self) -> None:
+        """Called by the reader once it stops: wait for the writer, then close the socket.
+
+        Only the reader closes, and only after both have stopped using the descriptor, so
+        neither can touch a descriptor number the system has already given to a new socket.
+        """
+        self.close()
+        self._done.wait(SEND_TIMEOUT + 1.0)
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
 def _recv_loop(loop: _Loop, sock: Any, on_data: Callable[[bytes], None]) -> str:
@@ -319,6 +330,7 @@ class BlockingServer:
             self.core.connection_lost(cid, reason)
             loop.flushed()
             self._close(cid)
+        writer.finish()
 
     def _write(self, cid: Hashable, data: bytes) -> None:
         writer = self._writers.get(cid)
@@ -484,7 +496,7 @@ class BlockingClient:
                 self._writer = None
                 core.connection_lost(time.monotonic(), reason)
                 loop.flushed()
-        writer.close()
+        writer.finish()
 
     def _write_server(self, data: bytes) -> None:
         if self._writer is not None:

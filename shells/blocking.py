@@ -136,6 +136,8 @@ class _Writer:
         self._on_pause = on_pause
         self._on_resume = on_resume
         self._done = loop.kit.event()
+        self._started = False
+        self._finished = False
         # With OS threads, a write to an idle socket goes out at once, without handing it to
         # the writer thread (a wake-up per write). A socket with a timeout is non-blocking at
         # the OS level, so a plain write(2) never waits; TLS needs its own framing.
@@ -145,7 +147,14 @@ class _Writer:
             else None
         )
 
+    @property
+    def direct(self) -> bool:
+        """Whether writes go out from the caller (the worker starts only when needed)."""
+        return self._direct_fd is not None
+
     def write(self, data: bytes) -> None:  # lock held
+        if self._finished:
+            return
         if self._direct_fd is not None and self.pending == 0:
             try:
                 sent = os.write(self._direct_fd, data)
@@ -154,6 +163,7 @@ class _Writer:
             if sent == len(data):
                 return
             data = data[sent:]
+        self.start()
         self.queue.put(data)
         self.pending += len(data)
         if not self.paused and self.pending > HIGH_WATER:
@@ -161,8 +171,18 @@ class _Writer:
             self.loop.backlogged += 1
             self._on_pause()
 
+    def start(self) -> None:  # lock held
+        """Run the writer worker; with direct writes only once a write could not finish."""
+        if not self._started:
+            self._started = True
+            self.loop.spawn(self.run)
+
     def close(self) -> None:  # lock held: write what is queued, then close
-        self.queue.put(None)
+        if self._started:
+            self.queue.put(None)
+        else:  # nothing queued: end the connection now (this also wakes the reader)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(self.loop.kit.socket.SHUT_RDWR)
 
     def run(self) -> None:
         sock = self.sock
@@ -197,8 +217,13 @@ class _Writer:
         Only the reader closes, and only after both have stopped using the descriptor, so
         neither can touch a descriptor number the system has already given to a new socket.
         """
-        self.close()
-        self._done.wait(SEND_TIMEOUT + 1.0)
+        with self.loop.lock:
+            self.close()
+            started = self._started
+            self._finished = True  # from now on, writes go nowhere
+            self._direct_fd = None
+        if started:
+            self._done.wait(SEND_TIMEOUT + 1.0)
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -315,7 +340,9 @@ class BlockingServer:
             self._writers[cid] = writer
             self.core.connection_made(cid, time.monotonic(), peer)
             loop.flushed()
-        loop.spawn(writer.run)
+        if not writer.direct:
+            with loop.lock:
+                writer.start()
 
         def on_data(data: bytes) -> None:
             try:
@@ -417,9 +444,9 @@ class BlockingClient:
             self.core.close()
             loop.flushed()
         loop.stopping = True
-        writer = self._writer
-        if writer is not None:
-            writer.queue.put(None)
+        with loop.lock:
+            if self._writer is not None:
+                self._writer.close()
         loop.join()
         if self._udp is not None:
             self._udp.close()
@@ -486,7 +513,9 @@ class BlockingClient:
             self._writer = writer
             self.core.connection_made(time.monotonic())
             loop.flushed()
-        loop.spawn(writer.run)
+        if not writer.direct:
+            with loop.lock:
+                writer.start()
         core = self.core
         reason = _recv_loop(
             loop, sock, lambda data: core.receive_data(data, time.monotonic(), time.time())

@@ -1,4 +1,10 @@
-"""Load the shared test vectors (``/work/shared/vectors`` next to the repository)."""
+"""Load the protocol test vectors kept in ``tests/vectors/``.
+
+- ``protocol.json``: computed from the protocol text (PROTOCOL.md) for every message type,
+  the handshake hashes, STUN and peer datagrams.
+- ``captured-5.6.json``: bytes captured on the wire between two real Candy 5.6 processes
+  (WebSocket messages and peer datagrams); where the two disagree, the captured bytes decide.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-VECTORS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 
 
 @cache

@@ -5,13 +5,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from candy_core.errors import ConfigError
+
 #: Largest WebSocket frame payload a legitimate peer sends: a type byte, a TUN packet of at
 #: most the MTU (1400) and some padding. The reference reads into a 1500-byte buffer.
 DEFAULT_MAX_FRAME = 4096
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which and why."""
 
 
 def parse_interface(text: str, what: str = "address") -> ipaddress.IPv4Interface:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from candy_core import auth
+from candy_core.errors import ProtocolError
 
 AUTH = 0
 FORWARD = 1
@@ -29,10 +30,6 @@ BROADCAST = IPv4Address("255.255.255.255")
 
 _TS = struct.Struct(">q")
 _ADDR_PORT = struct.Struct(">4sH")
-
-
-class ProtocolError(ValueError):
-    """A message or frame is malformed; the text says what is wrong."""
 
 
 def _need(data: bytes, size: int, name: str) -> None:

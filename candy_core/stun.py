@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from ipaddress import IPv4Address
 
+from candy_core.errors import StunError
+
 MAGIC_COOKIE = 0x2112A442
 HEADER_SIZE = 20
 TRANSACTION_ID_SIZE = 12
@@ -28,10 +30,6 @@ _COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
 _HEADER = struct.Struct("!HHI12s")
 _ATTR = struct.Struct("!HH")
 _ADDRESS_V4 = struct.Struct("!xBH4s")
-
-
-class StunError(ValueError):
-    """A STUN message is malformed, truncated, unexpected or lacks an IPv4 address."""
 
 
 def build_binding_request(transaction_id: bytes, change_request: bool = False) -> bytes:

@@ -17,7 +17,9 @@ try:  # the websockets package ships a small C routine for exactly this
 except ImportError:  # pragma: no cover - exercised when websockets lacks its extension
     _c_apply_mask = None
 
-from candy_core.messages import ProtocolError
+from candy_core.errors import CLOSE_PROTOCOL_ERROR as CLOSE_PROTOCOL_ERROR
+from candy_core.errors import FrameError as FrameError
+from candy_core.errors import ProtocolError as ProtocolError
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -28,7 +30,6 @@ OP_PONG = 0xA
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED = 1003
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
@@ -95,14 +96,6 @@ class Frame:
 
     opcode: int
     payload: bytes
-
-
-class FrameError(ProtocolError):
-    """The peer broke RFC 6455; ``code`` is the close code to answer with."""
-
-    def __init__(self, message: str, code: int = CLOSE_PROTOCOL_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class FrameParser:

@@ -39,6 +39,7 @@ from candy_core.wsframe import (
     FrameParser,
     apply_mask,
     close_payload,
+    close_reply,
     encode_frame,
     parse_close,
 )
@@ -375,7 +376,8 @@ class Client:
                 self._close_requested = True
                 self._lost(now, self._explain(now, "closed"))
                 # After _lost (which discards pending output): the echo must still go out.
-                self._out.append(encode_frame(OP_CLOSE, frame.payload[:2], self._masks.take()))
+                reply = close_reply(frame.payload)
+                self._out.append(encode_frame(OP_CLOSE, reply, self._masks.take()))
 
     def _receive_upgrade(self, data: bytes, now: float, wall: float) -> bytes:
         try:

@@ -34,6 +34,7 @@ from candy_core.wsframe import (
     FrameParser,
     binary_header,
     close_payload,
+    close_reply,
     encode_frame,
 )
 
@@ -244,7 +245,7 @@ class RelayServer:
         if opcode == OP_PING:
             self._send_raw(conn, encode_frame(OP_PONG, payload))
         elif opcode == OP_CLOSE:
-            self._send_raw(conn, encode_frame(OP_CLOSE, payload[:2]))
+            self._send_raw(conn, encode_frame(OP_CLOSE, close_reply(payload)))
             self._close(conn, "client closed the connection")
         elif opcode != OP_PONG:
             self._warn_once(conn, "text", "ignoring a non-binary data frame")

@@ -202,6 +202,40 @@ class FrameParser:
         return frame
 
 
+#: Status codes an endpoint may send (RFC 6455 section 7.4 and the IANA registry); 3000-4999
+#: are for libraries and applications. 1004-1006, 1015 and everything else never go on the wire.
+_SENDABLE_CLOSE_CODES = frozenset(
+    (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
+)
+CLOSE_INVALID_DATA = 1007
+
+
+def close_code_valid(code: int) -> bool:
+    """True if ``code`` may appear in a CLOSE frame on the wire."""
+    return code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999
+
+
+def close_reply(payload: bytes) -> bytes:
+    """The payload to answer a received CLOSE with (RFC 6455 sections 5.5.1 and 7.4).
+
+    A valid status code is echoed; an empty payload gets an empty answer. A one-byte payload
+    or a code that may not be sent gets 1002, a reason that is not UTF-8 gets 1007: nothing
+    the peer chose is sent back unchecked.
+    """
+    if not payload:
+        return b""
+    if len(payload) < 2:
+        return close_payload(CLOSE_PROTOCOL_ERROR, "one-byte close payload")
+    code = _U16.unpack_from(payload)[0]
+    if not close_code_valid(code):
+        return close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return close_payload(CLOSE_INVALID_DATA, "close reason is not UTF-8")
+    return payload[:2]
+
+
 def parse_close(payload: bytes) -> tuple[int | None, str]:
     """Code and reason of a CLOSE payload (``None`` code when absent)."""
     if len(payload) < 2:

@@ -660,6 +660,18 @@ def test_server_close_frame_reason_reaches_the_user() -> None:
     assert h.drain() == []
 
 
+@pytest.mark.parametrize(
+    ("payload", "code"), [(b"\x34", 1002), (b"\x07\xd0", 1002), (b"\x03\xe8\xc3", 1007)]
+)
+def test_invalid_server_close_is_answered_with_an_error_code(payload: bytes, code: int) -> None:
+    h = Harness(tun="10.0.0.5/24")
+    h.join()
+    h.send_frame(OP_CLOSE, payload)
+    assert of_type(h.drain(), Disconnected)
+    (echo,) = h.frames()
+    assert echo.opcode == OP_CLOSE and parse_close(echo.payload)[0] == code
+
+
 def test_close_frame_without_reason_names_the_code() -> None:
     h = Harness(tun="10.0.0.5/24")
     h.join()

@@ -20,6 +20,7 @@ from candy_core.wsframe import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
     OP_BINARY,
@@ -779,6 +780,25 @@ def test_client_close_is_answered_and_closed(relay: Relay) -> None:
     assert ip("10.99.0.1") not in relay.server.clients
     b.send(forward("10.99.0.2", "10.99.0.1"))
     assert relay.server.stats.frames_dropped == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "answer"),
+    [
+        (b"\x34", (CLOSE_PROTOCOL_ERROR, "one-byte close payload")),  # 88 81 <mask> 34
+        (b"\x00\x00", (CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (b"\x03\xed", (CLOSE_PROTOCOL_ERROR, "invalid close code")),  # 1005: local only
+        (b"\x07\xd0", (CLOSE_PROTOCOL_ERROR, "invalid close code")),  # 2000: unassigned
+        (b"", None),
+    ],
+)
+def test_invalid_client_close_is_answered_with_a_protocol_error(
+    relay: Relay, payload: bytes, answer: tuple[int, str] | None
+) -> None:
+    c = relay.client()
+    c.send(payload, OP_CLOSE)
+    assert c.closed
+    assert c.controls(OP_CLOSE) == [b""] if answer is None else c.close_frame == answer
 
 
 def test_frames_after_close_in_the_same_read_are_ignored(relay: Relay) -> None:

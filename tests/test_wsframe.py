@@ -35,6 +35,7 @@ from candy_core.wsframe import (
     FrameParser,
     binary_header,
     close_payload,
+    close_reply,
     encode_frame,
     parse_close,
 )
@@ -353,6 +354,35 @@ def test_close_payload_and_parse_close() -> None:
     assert parse_close(close_payload(1008, "wrong password")) == (1008, "wrong password")
     assert parse_close(b"") == (None, "")
     assert parse_close(b"\x03") == (None, "")
+
+
+@pytest.mark.parametrize(
+    ("received", "reply"),
+    [
+        (b"", b""),
+        (close_payload(1000, "bye"), b"\x03\xe8"),
+        (close_payload(1008), b"\x03\xf0"),
+        (close_payload(3000), b"\x0b\xb8"),
+        (close_payload(4999), b"\x13\x87"),
+        (b"\x03", close_payload(CLOSE_PROTOCOL_ERROR, "one-byte close payload")),
+        (b"\x00\x00", close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (close_payload(999), close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (close_payload(1004), close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (close_payload(1005), close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (close_payload(1006), close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (close_payload(1015), close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (close_payload(2000), close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (close_payload(2999), close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (close_payload(5000), close_payload(CLOSE_PROTOCOL_ERROR, "invalid close code")),
+        (b"\x03\xe8\xff\xfe", close_payload(1007, "close reason is not UTF-8")),
+    ],
+)
+def test_close_reply_follows_rfc6455(received: bytes, reply: bytes) -> None:
+    assert close_reply(received) == reply
+    if reply:  # whatever goes back is a CLOSE that a strict implementation (wsproto) accepts
+        client = FrameProtocol(client=True, extensions=[])
+        ((opcode, _),) = wsproto_messages(client, encode_frame(OP_CLOSE, reply))
+        assert opcode == Opcode.CLOSE
 
 
 def test_close_payload_truncated_to_control_limit() -> None:

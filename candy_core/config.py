@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from candy_core.errors import ConfigError
+from candy_core.limits import Limits
 
 #: Largest WebSocket frame payload a legitimate peer sends: a type byte, a TUN packet of at
 #: most the MTU (1400) and some padding. The reference reads into a 1500-byte buffer.
@@ -40,6 +41,8 @@ class ServerConfig:
     send_queue_limit: int = 1024
     #: Allowed difference between a handshake timestamp and the server clock, in seconds.
     clock_window: int = 30
+    #: Bounds on connections and handshakes per source address (floods).
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if self.dhcp is not None and self.dhcp.prefixlen > 30:

@@ -21,6 +21,7 @@ from candy_core.addressing import BROADCAST, AddressPool, is_multicast
 from candy_core.auth import ReplayGuard, within_window
 from candy_core.config import ServerConfig
 from candy_core.events import AddressAssigned, ClientAuthenticated, ClientDisconnected, ServerEvent
+from candy_core.limits import SourceLimiter, source_of
 from candy_core.upgrade import ServerUpgrade
 from candy_core.wsframe import (
     CLOSE_GOING_AWAY,
@@ -54,6 +55,7 @@ class Phase(Enum):
 class _Connection:
     cid: Hashable
     peer: str
+    source: str
     opened: float
     last_seen: float
     last_ping: float = 0.0
@@ -67,6 +69,9 @@ class _Connection:
     backlog: deque[bytes] = field(default_factory=deque)
     dropped: int = 0
     warned: set[str] = field(default_factory=set)
+    #: Counted by the limiter until it authenticates or ends; ``failed``: it broke a rule.
+    pending: bool = True
+    failed: bool = False
 
     def label(self) -> str:
         ip = f" {IPv4Address(self.ip)}" if self.ip else ""
@@ -83,6 +88,8 @@ class ServerStats:
     frames_dropped: int = 0
     backlog_dropped: int = 0
     rejected: int = 0
+    #: Connections refused at once by the per-source limits (floods).
+    refused: int = 0
 
 
 class RelayServer:
@@ -101,13 +108,25 @@ class RelayServer:
         self._pool = AddressPool(config.dhcp, rng) if config.dhcp else None
         self._directed = self._pool.broadcast if self._pool else None
         self._next_sweep: float | None = None
+        self._limiter = SourceLimiter(config.limits)
+        self._refused_since_log = 0
+        self._refused_log_at = float("-inf")
         self.stats = ServerStats()
 
     # --- connection lifecycle -----------------------------------------------------------
     def connection_made(self, cid: Hashable, now: float, peer: str = "?") -> None:
-        """A TCP (or TLS) connection was accepted; ``peer`` is only used in log lines."""
-        self._conns[cid] = _Connection(cid, peer, now, now)
+        """A TCP (or TLS) connection was accepted from ``peer`` (``host:port``).
+
+        A source over its limits (:mod:`candy_core.limits`) is closed at once, before any
+        byte of it is parsed; the shell sees it in :meth:`connections_to_close`.
+        """
         self.stats.connections += 1
+        source = source_of(peer)
+        refusal = self._limiter.admit(source, now)
+        if refusal is not None:
+            self._refuse(cid, refusal, now)
+            return
+        self._conns[cid] = _Connection(cid, peer, source, now, now)
         if self._next_sweep is None:
             self._next_sweep = now + SWEEP_INTERVAL
 
@@ -231,6 +250,7 @@ class RelayServer:
         if result.rejected:
             log.info("%s: rejected HTTP request: %s", conn.peer, result.rejected)
             self.stats.rejected += 1
+            conn.failed = True
             self._close(conn, f"HTTP request rejected: {result.rejected}")
             return b""
         if not result.accepted:
@@ -377,6 +397,7 @@ class RelayServer:
             self.stats.authenticated += 1
         conn.ip = ip
         self._by_ip[ip] = conn
+        self._settle(conn, conn.last_seen)
         log.info("%s: authenticated as %s", conn.peer, msg.ip)
         self._events.append(ClientAuthenticated(conn.cid, msg.ip))
 
@@ -451,6 +472,22 @@ class RelayServer:
             self.stats.frames_dropped += 1
 
     # --- helpers ------------------------------------------------------------------------
+    def _refuse(self, cid: Hashable, reason: str, now: float) -> None:
+        self.stats.refused += 1
+        self._closing.append(cid)
+        self._refused_since_log += 1
+        if now - self._refused_log_at >= 1.0:  # one line a second at most, however hard the flood
+            log.warning(
+                "refused %d connection(s) in the last second: %s", self._refused_since_log, reason
+            )
+            self._refused_since_log = 0
+            self._refused_log_at = now
+
+    def _settle(self, conn: _Connection, now: float) -> None:
+        if conn.pending:
+            conn.pending = False
+            self._limiter.settled(conn.source, conn.failed, now)
+
     def _send_raw(self, conn: _Connection, data: bytes) -> None:
         conn.out.append(data)
         self._dirty[conn.cid] = conn
@@ -470,6 +507,8 @@ class RelayServer:
         """Close ``conn`` with a CLOSE frame carrying ``reason`` and log why."""
         if conn.phase is Phase.CLOSED:
             return
+        if conn.ip is None:
+            conn.failed = True  # a broken handshake: its source pays for it
         if not quiet:
             log.warning("%s: closing: %s (%s)", conn.label(), reason, detail)
             self.stats.rejected += 1
@@ -488,6 +527,7 @@ class RelayServer:
             return
         conn.phase = Phase.CLOSED
         conn.backlog.clear()
+        self._settle(conn, conn.last_seen)
         ip = conn.ip
         if ip is not None and self._by_ip.get(ip) is conn:
             del self._by_ip[ip]

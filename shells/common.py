@@ -8,8 +8,9 @@ import random
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from candy_core import events as ev
 from candy_core.config import ClientConfig
@@ -23,6 +24,12 @@ log = logging.getLogger("candy")
 monotonic = time.monotonic
 #: Unix seconds for handshake timestamps.
 wall = time.time
+#: Longest a client waits for the server's TCP (and TLS) connection, on every runtime.
+CONNECT_TIMEOUT = 10.0
+
+#: ``getaddrinfo(host, port, family, type)``: the stdlib's, or a runtime's own (gevent's
+#: cooperative one), so that resolving a name never blocks the runtime.
+Resolver = Callable[..., list[tuple[Any, ...]]]
 
 
 def system_rng() -> random.Random:
@@ -70,16 +77,19 @@ def describe(event: object) -> str:
     return repr(event)
 
 
-def resolve_ipv4(host: str, port: int) -> str:
-    """The first IPv4 address of ``host`` (blocking; used once at start-up)."""
-    infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+def resolve_ipv4(host: str, port: int, getaddrinfo: Resolver | None = None) -> str:
+    """The first IPv4 address of ``host`` (used once at start-up; default: stdlib resolver)."""
+    resolve = getaddrinfo or socket.getaddrinfo
+    infos = resolve(host, port, socket.AF_INET, socket.SOCK_DGRAM)
     return str(infos[0][4][0])
 
 
-def detect_lan_address(server_host: str, server_port: int) -> str | None:
+def detect_lan_address(
+    server_host: str, server_port: int, getaddrinfo: Resolver | None = None
+) -> str | None:
     """The local IPv4 address of the route towards the server (no packet is sent)."""
     try:
-        ip = resolve_ipv4(server_host, server_port)
+        ip = resolve_ipv4(server_host, server_port, getaddrinfo)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect((ip, server_port or 80))
             local = str(probe.getsockname()[0])
@@ -89,20 +99,52 @@ def detect_lan_address(server_host: str, server_port: int) -> str | None:
 
 
 def client_config_for_run(
-    config: ClientConfig, stun_host: str | None, stun_port: int | None
+    config: ClientConfig,
+    stun_host: str | None,
+    stun_port: int | None,
+    getaddrinfo: Resolver | None = None,
 ) -> ClientConfig:
     """Resolve what the core needs as addresses: the STUN server and our LAN address."""
     changes: dict[str, object] = {}
     if stun_host:
+        port = stun_port or 3478
         try:
-            changes["stun"] = (resolve_ipv4(stun_host, stun_port or 3478), stun_port or 3478)
+            changes["stun"] = (resolve_ipv4(stun_host, port, getaddrinfo), port)
         except OSError as exc:
             log.warning("cannot resolve STUN server %s (peer-to-peer disabled): %s", stun_host, exc)
     if (changes.get("stun") or config.stun) and not config.localhost:
-        lan = detect_lan_address(config.host, config.port)
+        lan = detect_lan_address(config.host, config.port, getaddrinfo)
         if lan:
             changes["localhost"] = lan
     return dataclasses.replace(config, **changes) if changes else config  # type: ignore[arg-type]
+
+
+class Flag(Protocol):
+    """An event flag of some runtime (``asyncio.Event``, ``threading.Event``, gevent's)."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+def track_joined(
+    joined: Callable[[], bool], flag: Flag, user: Callable[[Any], None] | None
+) -> Callable[[object], None]:
+    """A client's event handler: keeps ``flag`` set while ``joined()``, then calls ``user``.
+
+    ``joined`` is the pump's view (updated before the handler runs); a shell's
+    ``wait_connected()`` waits on ``flag``.
+    """
+
+    def handler(event: object) -> None:
+        if joined():
+            flag.set()
+        else:
+            flag.clear()
+        if user is not None:
+            user(event)
+
+    return handler
 
 
 def server_kwargs(settings: DaemonSettings, ssl_module: ModuleType = ssl) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from candy_core.client import Client as ClientCore
 from candy_core.config import ClientConfig
 from candy_core.events import AddressChanged, ClientEvent, Connected, Disconnected
 from candy_core.server import RelayServer
-from shells.common import client_config_for_run, describe, system_rng
+from shells.common import Resolver, client_config_for_run, describe, system_rng
 from shells.state import StateStore
 from shells.tun import TunDevice
 
@@ -77,8 +77,11 @@ class ClientPump:
         state_dir: str | None,
         stun: tuple[str | None, int | None] = (None, None),
         on_event: Callable[[object], None] | None = None,
+        getaddrinfo: Resolver | None = None,
     ) -> None:
-        self.config = client_config_for_run(config, *stun)
+        # Resolves names (with ``getaddrinfo``: the runtime's resolver, default the stdlib's),
+        # reads the saved state and creates the TUN device: shells make it in start().
+        self.config = client_config_for_run(config, *stun, getaddrinfo)
         rng = system_rng()
         self.store = StateStore(state_dir, config.cache_key)
         self.core = ClientCore(self.config, rng, self.store.load(rng))

@@ -17,7 +17,7 @@ from candy_core.config import ClientConfig
 from candy_core.events import ClientEvent
 from candy_core.peers import PeerStatus
 from shells.asyncio.timer import DeadlineTimer
-from shells.common import client_kwargs
+from shells.common import CONNECT_TIMEOUT, client_kwargs, track_joined
 from shells.pump import ClientPump
 from shells.tun import TunDevice
 from shells.udp import UdpSocket
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("candy.asyncio")
 
 EventHandler = Callable[[ClientEvent], None]
-CONNECT_TIMEOUT = 10.0
 
 
 class _ServerLink(asyncio.Protocol):
@@ -91,11 +90,14 @@ class Client:
     ) -> None:
         self.config = config
         self._ssl = ssl_context
+        self._joined = asyncio.Event()
         self._pump_args = {
             "tun": tun,
             "state_dir": state_dir,
             "stun": (stun_host, stun_port),
-            "on_event": self._track(on_event),
+            "on_event": track_joined(
+                lambda: self._pump is not None and self._pump.joined, self._joined, on_event
+            ),
         }
         self._udp_port = udp_port
         self._pump: ClientPump | None = None
@@ -107,7 +109,6 @@ class Client:
         self._timer: DeadlineTimer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._packet_ready = asyncio.Event()
-        self._joined = asyncio.Event()
         self._tun_paused = False
         self._stopped = False
 
@@ -116,17 +117,6 @@ class Client:
         """The daemon's client, from parsed command-line/config settings."""
         assert settings.client is not None
         return cls(settings.client, **client_kwargs(settings))
-
-    def _track(self, user: EventHandler | None) -> Callable[[object], None]:
-        def handler(event: object) -> None:
-            if self._pump is not None and self._pump.joined:
-                self._joined.set()
-            else:
-                self._joined.clear()
-            if user is not None:
-                user(event)  # type: ignore[arg-type]
-
-        return handler
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:

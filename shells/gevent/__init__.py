@@ -1,7 +1,9 @@
 """gevent runtime: greenlets and cooperative sockets, for programs already on gevent.
 
 ``Server`` and ``Client`` spawn greenlets with ``start()`` and end them with ``stop()``;
-every call yields to the hub instead of blocking it. No monkey-patching is needed.
+every call yields to the hub instead of blocking it (constructing one does no I/O; the
+client resolves names in ``start()`` with gevent's cooperative resolver). No
+monkey-patching is needed.
 """
 
 from __future__ import annotations

@@ -1,26 +1,23 @@
-"""``candy --runtime gevent``."""
+"""``candy --runtime gevent``: run a server or client on greenlets until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 
 import gevent
 import gevent.event
+import gevent.ssl
 
-from shells.blocking import run_daemon
+from shells.blocking.daemon import run_until_signalled
+from shells.common import client_kwargs, server_kwargs
 from shells.gevent import Client, Server
 from shells.settings import DaemonSettings
 
 
-def _wait_for_signal(stop: Callable[[], None]) -> None:
+def _wait_for_signal() -> None:
+    """Block this greenlet (the rest keep running) until SIGINT or SIGTERM."""
     done = gevent.event.Event()
-
-    def handler() -> None:
-        stop()
-        done.set()
-
-    handlers = [gevent.signal_handler(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)]
+    handlers = [gevent.signal_handler(sig, done.set) for sig in (signal.SIGINT, signal.SIGTERM)]
     try:
         done.wait()
     finally:
@@ -29,5 +26,10 @@ def _wait_for_signal(stop: Callable[[], None]) -> None:
 
 
 def run(settings: DaemonSettings) -> int:
-    """Run the daemon on greenlets until SIGINT/SIGTERM."""
-    return run_daemon(Server, Client, settings, _wait_for_signal)
+    """Run the daemon on greenlets until SIGINT/SIGTERM; returns the exit status."""
+    node: Server | Client
+    if settings.mode == "server":
+        node = Server(settings.server, **server_kwargs(settings, gevent.ssl))
+    else:
+        node = Client(settings.client, **client_kwargs(settings, gevent.ssl))
+    return run_until_signalled(node, _wait_for_signal)

@@ -1,7 +1,7 @@
 """Threaded runtime: plain OS threads and blocking sockets, no event loop.
 
 ``Server`` and ``Client`` start background threads with ``start()`` and end them with
-``stop()`` (or use them as context managers).
+``stop()`` (or use them as context managers); constructing one does no I/O.
 """
 
 from __future__ import annotations

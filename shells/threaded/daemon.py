@@ -1,12 +1,39 @@
-"""``candy --runtime threaded``."""
+"""``candy --runtime threaded``: run a server or client on OS threads until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
-from shells.blocking import run_daemon, wait_for_signal_threads
+import signal
+import ssl
+import threading
+
+from shells.blocking import POLL
+from shells.blocking.daemon import run_until_signalled
+from shells.common import client_kwargs, server_kwargs
 from shells.settings import DaemonSettings
 from shells.threaded import Client, Server
 
 
+def _wait_for_signal() -> None:
+    """Block the main thread until SIGINT or SIGTERM."""
+    done = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        done.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(POLL):  # bounded waits: the handler runs between them
+            pass
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
 def run(settings: DaemonSettings) -> int:
-    """Run the daemon on OS threads until SIGINT/SIGTERM."""
-    return run_daemon(Server, Client, settings, wait_for_signal_threads)
+    """Run the daemon on OS threads until SIGINT/SIGTERM; returns the exit status."""
+    node: Server | Client
+    if settings.mode == "server":
+        node = Server(settings.server, **server_kwargs(settings, ssl))
+    else:
+        node = Client(settings.client, **client_kwargs(settings, ssl))
+    return run_until_signalled(node, _wait_for_signal)

@@ -13,7 +13,8 @@ from collections.abc import Callable, Hashable
 
 from candy_core.client import Client as ClientCore
 from candy_core.config import ClientConfig
-from candy_core.events import AddressChanged, ClientEvent, Connected, Disconnected
+from candy_core.drain import drain_client, drain_server
+from candy_core.events import AddressChanged, ClientEvent, Connected, Disconnected, ServerEvent
 from candy_core.server import RelayServer
 from shells.common import Resolver, client_config_for_run, describe, system_rng
 from shells.state import StateStore
@@ -45,21 +46,18 @@ class ServerPump:
         on_event: Callable[[object], None] | None = None,
     ) -> None:
         self.core = core
-        self._write = write
-        self._close = close
+        self.write_connection = write
+        self.close_connection = close
         self.on_event = on_event
 
     def flush(self) -> float | None:
         """Write, close and report what the core produced; returns its next deadline."""
-        core = self.core
-        for cid, data in core.data_to_send():
-            self._write(cid, data)
-        for cid in core.connections_to_close():
-            self._close(cid)
-        while (event := core.next_event()) is not None:
-            log.debug("%s", describe(event))
-            _call_handler(self.on_event, event)
-        return core.next_deadline()
+        return drain_server(self.core, self)
+
+    def handle_event(self, event: ServerEvent) -> None:
+        """Log ``event`` and pass it to the ``on_event`` handler."""
+        log.debug("%s", describe(event))
+        _call_handler(self.on_event, event)
 
 
 class ClientPump:
@@ -100,36 +98,25 @@ class ClientPump:
 
     def flush(self) -> float | None:
         """Carry out everything the core produced; returns its next deadline."""
-        core = self.core
-        data = core.data_to_send()
-        if data:
-            self.write_server(data)
-        if core.take_close_request():
-            self.close_server()
-        packets = core.packets_to_deliver()
-        if packets:
-            if self.tun is not None:
-                write = self.tun.write
-                for packet in packets:
-                    write(packet)
-            else:
-                self.packets.extend(packets)
-                self.packets_ready()
-        datagrams = core.datagrams_to_send()
-        if datagrams:
-            self.send_datagrams(datagrams)
-        while (event := core.next_event()) is not None:
-            self._handle_event(event)
-        if core.take_connect_request():
-            self.open_connection()
-        return core.next_deadline()
+        return drain_client(self.core, self)
+
+    def deliver_packets(self, packets: list[bytes]) -> None:
+        """Write ``packets`` to TUN, or queue them for the embedding program."""
+        if self.tun is not None:
+            write = self.tun.write
+            for packet in packets:
+                write(packet)
+        else:
+            self.packets.extend(packets)
+            self.packets_ready()
 
     def close(self) -> None:
         """Remove the TUN device."""
         if self.tun is not None:
             self.tun.close()
 
-    def _handle_event(self, event: ClientEvent) -> None:
+    def handle_event(self, event: ClientEvent) -> None:
+        """Log ``event``, configure TUN and save the address it names, then pass it on."""
         log.info("%s", describe(event))
         if isinstance(event, AddressChanged):
             if self.tun is not None:

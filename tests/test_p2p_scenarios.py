@@ -1,7 +1,7 @@
 """Peer-to-peer scenarios (PROTOCOL.md section 4) on the deterministic simulator.
 
 Every scenario wires the real cores -- a RelayServer, Client cores and a STUN server -- over
-the virtual network of :mod:`candy_core.simulator`, with simulated NATs, and checks what a
+the virtual network of :mod:`candy_core.sim`, with simulated NATs, and checks what a
 user would notice: which path packets take, whether they arrive, and the state of each
 peer. Minutes of virtual time run in milliseconds.
 """
@@ -17,7 +17,7 @@ import pytest
 from candy_core import peermsg as pm
 from candy_core.crypto import PeerCipher, peer_key
 from candy_core.events import Disconnected, PeerStateChanged
-from candy_core.simulator import NAT_KINDS, Nat, SimClient, Simulation, icmp, icmp_seq
+from candy_core.sim import NAT_KINDS, Nat, SimClient, Simulation, icmp, icmp_seq
 
 PASSWORD = "p2p-scenarios"
 LATENCY = 0.005

@@ -35,6 +35,25 @@ def _call_handler(handler: Callable[[object], None] | None, event: object) -> No
         log.exception("event handler failed")
 
 
+class InputGuard:
+    """Keeps a reader going when handing one input to a core raises: logs, counts, drops.
+
+    A bug, or a rule broken by hostile input, then costs one datagram, packet or connection,
+    never the reader (in the gevent and threaded shells one escaped exception would end a
+    reader for good). Call :meth:`failed` from inside the ``except`` block.
+    """
+
+    def __init__(self) -> None:
+        #: Inputs dropped because handling them raised.
+        self.errors = 0
+
+    def failed(self, what: str) -> None:
+        self.errors += 1
+        count = self.errors
+        if count <= 10 or count % 1000 == 0:  # bounded logging, however hostile the input
+            log.exception("internal error handling %s (%d so far); dropped it", what, count)
+
+
 class ServerPump:
     """Flushes a :class:`RelayServer` into per-connection write and close operations."""
 
@@ -49,6 +68,7 @@ class ServerPump:
         self.write_connection = write
         self.close_connection = close
         self.on_event = on_event
+        self.guard = InputGuard()
 
     def flush(self) -> float | None:
         """Write, close and report what the core produced; returns its next deadline."""
@@ -85,6 +105,7 @@ class ClientPump:
         self.core = ClientCore(self.config, rng, self.store.load(rng))
         self.tun = TunDevice.create(self.config.interface_name) if tun else None
         self.on_event = on_event
+        self.guard = InputGuard()
         #: Packets for an embedding program (no TUN), oldest first.
         self.packets: deque[bytes] = deque(maxlen=PACKET_QUEUE)
         self.joined = False

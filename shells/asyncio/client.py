@@ -45,7 +45,14 @@ class _ServerLink(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         client = self.client
-        client.core.receive_data(data, client._loop.time(), time.time())
+        try:
+            client.core.receive_data(data, client._loop.time(), time.time())
+        except Exception:  # the stream is unusable now: drop this connection, reconnect
+            client._pump.guard.failed("bytes from the server")  # type: ignore[union-attr]
+            client._link = None
+            client.core.connection_lost(client._loop.time(), "internal error")
+            if self.transport is not None:
+                self.transport.abort()
         client._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -215,7 +222,10 @@ class Client:
         core = self.core
         now = self._loop.time()
         for packet in tun.read_batch(64):
-            core.receive_packet(packet, now)
+            try:
+                core.receive_packet(packet, now)
+            except Exception:
+                self._pump.guard.failed("a packet from TUN")  # type: ignore[union-attr]
         self._flush()
 
     def _on_udp(self) -> None:
@@ -225,7 +235,10 @@ class Client:
         core = self.core
         now = self._loop.time()
         for data, addr in udp.recv_batch(64):
-            core.receive_datagram(data, addr, now)
+            try:
+                core.receive_datagram(data, addr, now)
+            except Exception:
+                self._pump.guard.failed(f"a datagram from {addr[0]}:{addr[1]}")  # type: ignore[union-attr]
         self._flush()
 
     def _pause_tun(self) -> None:

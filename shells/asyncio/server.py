@@ -44,7 +44,7 @@ class _Connection(asyncio.Protocol):
         try:
             relay.core.receive_data(self.cid, data, relay._loop.time(), time.time())
         except Exception:  # a bug must cost only this connection, never the relay
-            log.exception("connection %s: internal error; closing it", self.cid)
+            relay._pump.guard.failed(f"bytes from connection {self.cid}; closing it")
             relay.core.connection_lost(self.cid, "internal error")
             relay._transports.pop(self.cid, None)
             if self.transport is not None:

@@ -178,8 +178,12 @@ class BlockingClient:
             with loop.lock:
                 writer.start()
         core = self.core
+        guard = self._pump.guard  # type: ignore[union-attr]
         reason = recv_loop(
-            loop, sock, lambda data: core.receive_data(data, time.monotonic(), time.time())
+            loop,
+            sock,
+            lambda data: core.receive_data(data, time.monotonic(), time.time()),
+            lambda: guard.failed("bytes from the server; dropping the connection"),
         )
         with loop.lock:
             if self._writer is writer:
@@ -200,7 +204,8 @@ class BlockingClient:
     def _udp_reader(self) -> None:
         loop = self._loop
         udp = self._udp
-        assert udp is not None
+        pump = self._pump
+        assert udp is not None and pump is not None
         fd = udp.fileno()
         while not loop.stopping:
             if not self.kit.wait_readable(fd, POLL):
@@ -211,7 +216,10 @@ class BlockingClient:
             with loop.lock:
                 now = time.monotonic()
                 for data, addr in batch:
-                    self.core.receive_datagram(data, addr, now)
+                    try:
+                        self.core.receive_datagram(data, addr, now)
+                    except Exception:
+                        pump.guard.failed(f"a datagram from {addr[0]}:{addr[1]}")
                 loop.flushed()
 
     def _tun_reader(self) -> None:
@@ -233,5 +241,8 @@ class BlockingClient:
             with loop.lock:
                 now = time.monotonic()
                 for packet in packets:
-                    self.core.receive_packet(packet, now)
+                    try:
+                        self.core.receive_packet(packet, now)
+                    except Exception:
+                        self._pump.guard.failed("a packet from TUN")
                 loop.flushed()

@@ -113,8 +113,17 @@ class Loop:
         self.workers.clear()
 
 
-def recv_loop(loop: Loop, sock: Any, on_data: Callable[[bytes], None]) -> str:
-    """Read one socket until EOF, error or stop, flushing after each read; returns why it ended."""
+def recv_loop(
+    loop: Loop,
+    sock: Any,
+    on_data: Callable[[bytes], None],
+    on_error: Callable[[], None] | None = None,
+) -> str:
+    """Read one socket until EOF, error or stop, flushing after each read; returns why it ended.
+
+    If ``on_data`` raises, ``on_error`` is called inside the ``except`` block (to log and
+    count) and the loop ends with "internal error": the stream cannot be trusted any more.
+    """
     timeout_error = loop.kit.socket.timeout
     while not loop.stopping:
         try:
@@ -126,7 +135,14 @@ def recv_loop(loop: Loop, sock: Any, on_data: Callable[[bytes], None]) -> str:
         if not data:
             return "connection closed by peer"
         with loop.lock:
-            on_data(data)
+            try:
+                on_data(data)
+            except Exception:
+                if on_error is None:
+                    log.exception("internal error reading a connection; closing it")
+                else:
+                    on_error()
+                return "internal error"
             loop.flushed()
         if loop.backlogged:  # let the writers drain before reading more (greenlets never
             loop.kit.sleep(0)  # switch on their own while a socket stays readable)

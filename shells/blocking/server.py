@@ -119,7 +119,7 @@ class BlockingServer:
             try:
                 self.core.receive_data(cid, data, time.monotonic(), time.time())
             except Exception:
-                log.exception("connection %s: internal error; closing it", cid)
+                self._pump.guard.failed(f"bytes from connection {cid}; closing it")
                 self.core.connection_lost(cid, "internal error")
                 self._close(cid)
 

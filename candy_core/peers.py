@@ -208,11 +208,13 @@ class PeerManager:
         self.stats.datagrams_received += 1
         kind = plain[0]
         if kind == pm.FORWARD:
-            if len(plain) < 21 or plain[1] >> 4 != 4:
+            try:
+                _, dst = m.ipv4_endpoints(plain, 1)
+            except m.ProtocolError:
                 return []
-            if plain[17:21] == self._ip:
+            if dst == self._ip:
                 return [plain[1:]]
-            self._forward_for_peer(plain)
+            self._forward_for_peer(plain, dst)
             return []
         try:
             if kind == pm.HEARTBEAT:
@@ -234,10 +236,9 @@ class PeerManager:
                 windows.popitem(last=False)
         return window.seen(iv)
 
-    def _forward_for_peer(self, plain: bytes) -> None:
+    def _forward_for_peer(self, plain: bytes, dst: bytes) -> None:
         if self.config.route <= 0:
             return
-        dst = plain[17:21]
         route = self._routes.get(dst)
         hop = self._peers.get(route.next if route else dst)
         if hop is not None and hop.state is State.CONNECTED:

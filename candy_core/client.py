@@ -303,10 +303,13 @@ class Client:
     def receive_packet(self, packet: bytes, now: float) -> None:
         """One packet read from TUN: to ourselves, to a peer directly, or to the server."""
         ip = self._ip
-        if len(packet) < 20 or packet[0] >> 4 != 4 or ip is None or packet[12:16] != ip:
+        try:
+            src, dst = m.ipv4_endpoints(packet)
+        except m.ProtocolError:
+            src = dst = b""  # dropped just below
+        if ip is None or src != ip:
             self.stats.packets_dropped += 1
             return
-        dst = packet[16:20]
         if dst == ip:
             self._to_tun.append(packet)
             return
@@ -360,12 +363,14 @@ class Client:
             if frame.opcode == OP_BINARY:
                 payload = frame.payload
                 if payload and payload[0] == m.FORWARD:
-                    if len(payload) > 20 and payload[1] >> 4 == 4:
-                        self.stats.packets_from_server += 1
-                        self._to_tun.append(payload[1:])
-                        self.peers.relayed_from(payload[13:17], now)
-                    else:
+                    try:
+                        src, _ = m.ipv4_endpoints(payload, 1)
+                    except m.ProtocolError:
                         self.stats.packets_dropped += 1
+                        continue
+                    self.stats.packets_from_server += 1
+                    self._to_tun.append(payload[1:])
+                    self.peers.relayed_from(src, now)
                 else:
                     self._message(payload, now, wall)
             elif frame.opcode == OP_PING:

@@ -31,6 +31,10 @@ BROADCAST = IPv4Address("255.255.255.255")
 _TS = struct.Struct(">q")
 _ADDR_PORT = struct.Struct(">4sH")
 
+#: The shortest IPv4 packet accepted: a bare header. Source address at offset 12, destination 16.
+IPV4_HEADER_SIZE = 20
+_IPV4_ADDRESSES = struct.Struct(">4s4s")
+
 
 def _need(data: bytes, size: int, name: str) -> None:
     if len(data) < size:
@@ -72,9 +76,25 @@ class Auth:
         return cls(_ip(data, 1), _TS.unpack_from(data, 5)[0], bytes(data[13:45]), bytes(data[45:]))
 
 
+def ipv4_endpoints(data: bytes, start: int = 0) -> tuple[bytes, bytes]:
+    """Source and destination address (4 bytes each) of the IPv4 packet at ``data[start:]``.
+
+    The one reader of packet addresses: a TUN packet (``start=0``) or the packet inside a
+    FORWARD, on the WebSocket or between peers (``start=1``, after the type byte). Raises
+    :class:`ProtocolError` when there is less than an IPv4 header or the version is not 4.
+    On the relay's hot path: one call, allocating only the two addresses and their tuple.
+    """
+    if len(data) < start + IPV4_HEADER_SIZE:
+        size = max(len(data) - start, 0)
+        raise ProtocolError(f"packet too short for an IPv4 header: {size} bytes, need 20")
+    if data[start] >> 4 != 4:
+        raise ProtocolError(f"not an IPv4 packet: IP version {data[start] >> 4}")
+    return _IPV4_ADDRESSES.unpack_from(data, start + 12)  # type: ignore[return-value]
+
+
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """FORWARD (type 1): one raw IPv4 packet."""
+    """FORWARD (type 1): one raw IPv4 packet (at least its 20-byte header)."""
 
     packet: bytes
 
@@ -83,7 +103,10 @@ class Forward:
 
     @classmethod
     def decode(cls, data: bytes) -> Forward:
-        _need(data, 21, "FORWARD")
+        try:
+            ipv4_endpoints(data, 1)
+        except ProtocolError as exc:
+            raise ProtocolError(f"FORWARD message: {exc}") from None
         return cls(bytes(data[1:]))
 
 

@@ -13,7 +13,6 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from ipaddress import IPv4Address, IPv4Interface
 
 from candy_core import messages as m
@@ -22,6 +21,18 @@ from candy_core import stun
 from candy_core.config import ClientConfig
 from candy_core.crypto import IV_SIZE, PeerCipher, ReplayWindow, peer_key
 from candy_core.events import ClientEvent, PeerStateChanged
+from candy_core.peerstate import (
+    EXCHANGE_AFTER,
+    FORGET_ENDPOINT,
+    FORGET_LAN,
+    RETRY_MAX,
+    RETRY_MIN,
+    STUN_AFTER,
+    TIMEOUTS,
+    TRANSITIONS,
+    PeerEvent,
+    State,
+)
 
 log = logging.getLogger("candy.peers")
 
@@ -29,8 +40,6 @@ SendMessage = Callable[[bytes], bool]
 Addr = tuple[str, int]
 
 TICK = 1.0
-RETRY_MIN = 30
-RETRY_MAX = 3600
 #: Ticks between DELAY probes on a connected path (with routing on).
 DELAY_EVERY = 60
 #: Most peers tracked; more are not negotiated with (memory stays bounded).
@@ -39,19 +48,9 @@ MAX_PEERS = 4096
 REPLAY_SOURCES = 256
 REPLAY_WINDOW = 2048
 _ZERO = IPv4Address(0)
-
-
-class State(Enum):
-    INIT = "INIT"
-    PREPARING = "PREPARING"
-    SYNCHRONIZING = "SYNCHRONIZING"
-    CONNECTING = "CONNECTING"
-    CONNECTED = "CONNECTED"
-    WAITING = "WAITING"
-    FAILED = "FAILED"
-
-
-_FORGETFUL = (State.INIT, State.WAITING, State.FAILED)
+#: The states in which relayed traffic matters, read from the table once: a relayed packet
+#: from a peer in any other state (every packet while its path is FAILED) costs one lookup.
+_TRAFFIC_STARTS = frozenset(s for s, e in TRANSITIONS if e is PeerEvent.SERVER_TRAFFIC)
 
 
 @dataclass(slots=True)
@@ -133,7 +132,7 @@ class PeerManager:
         self._ip = address.ip.packed
         self._own_key = peer_key(self.config.password, self._ip)
         for peer in list(self._peers.values()):
-            self._set_state(peer, State.INIT, "our address changed")
+            self._fire(peer, PeerEvent.ADDRESS_CHANGED)
         self._peers.clear()
         self._routes.clear()
 
@@ -209,11 +208,13 @@ class PeerManager:
         self.stats.datagrams_received += 1
         kind = plain[0]
         if kind == pm.FORWARD:
-            if len(plain) < 21 or plain[1] >> 4 != 4:
+            try:
+                _, dst = m.ipv4_endpoints(plain, 1)
+            except m.ProtocolError:
                 return []
-            if plain[17:21] == self._ip:
+            if dst == self._ip:
                 return [plain[1:]]
-            self._forward_for_peer(plain)
+            self._forward_for_peer(plain, dst)
             return []
         try:
             if kind == pm.HEARTBEAT:
@@ -235,10 +236,9 @@ class PeerManager:
                 windows.popitem(last=False)
         return window.seen(iv)
 
-    def _forward_for_peer(self, plain: bytes) -> None:
+    def _forward_for_peer(self, plain: bytes, dst: bytes) -> None:
         if self.config.route <= 0:
             return
-        dst = plain[17:21]
         route = self._routes.get(dst)
         hop = self._peers.get(route.next if route else dst)
         if hop is not None and hop.state is State.CONNECTED:
@@ -250,8 +250,11 @@ class PeerManager:
         if not self.enabled:
             return
         peer = self._peers.get(src)
-        if peer is None or peer.state is State.INIT:
-            self._begin(src, "traffic through the server")
+        if peer is not None and peer.state not in _TRAFFIC_STARTS:
+            return
+        peer = self._peer(src)
+        if peer is not None and self._fire(peer, PeerEvent.SERVER_TRAFFIC):
+            self._send_lan_endpoint(peer)
 
     # --- WebSocket messages -------------------------------------------------------------
     def receive_message(self, msg: m.Peer | m.Discovery | m.General, now: float) -> None:
@@ -266,9 +269,9 @@ class PeerManager:
         if isinstance(msg, m.Discovery):
             if msg.dst == m.BROADCAST:
                 self._send_message(m.Discovery(IPv4Address(self._ip), msg.src).encode())
-            peer = self._peers.get(src)
-            if peer is None or peer.state is State.INIT:
-                self._begin(src, "discovery")
+            peer = self._peer(src)
+            if peer is not None and self._fire(peer, PeerEvent.DISCOVERY):
+                self._send_lan_endpoint(peer)
         elif isinstance(msg, m.Peer):
             self._peer_endpoint(src, (str(msg.ip), msg.port))
         else:
@@ -284,14 +287,6 @@ class PeerManager:
             peer = self._peers[ip] = _Peer(ip, peer_key(self.config.password, ip))
         return peer
 
-    def _begin(self, ip: bytes, reason: str) -> None:
-        """INIT → PREPARING, announcing our LAN endpoint."""
-        peer = self._peer(ip)
-        if peer is None:
-            return
-        self._set_state(peer, State.PREPARING, reason)
-        self._send_lan_endpoint(peer)
-
     def _send_lan_endpoint(self, peer: _Peer) -> None:
         lan = self.config.localhost
         if not lan or not self.local_port or self._ip is None:
@@ -305,14 +300,9 @@ class PeerManager:
         peer = self._peer(ip)
         if peer is None:
             return
-        if peer.state is State.SYNCHRONIZING:
-            peer.endpoint = endpoint
-            self._set_state(peer, State.CONNECTING, "received the peer's public endpoint")
-        elif peer.state is State.CONNECTING:
-            if peer.endpoint is None:
-                peer.endpoint = endpoint
-        else:
-            self._set_state(peer, State.PREPARING, "received the peer's public endpoint")
+        connecting = peer.state is State.CONNECTING
+        self._fire(peer, PeerEvent.PEER_PUBLIC_ENDPOINT)
+        if not connecting or peer.endpoint is None:  # CONNECTING keeps what a heartbeat showed
             peer.endpoint = endpoint
 
     def _lan_endpoint(self, ip: bytes, endpoint: Addr) -> None:
@@ -320,8 +310,7 @@ class PeerManager:
         if peer is None:
             return
         peer.lan = endpoint
-        if peer.state in (State.INIT, State.FAILED):
-            self._set_state(peer, State.PREPARING, "received the peer's LAN endpoint")
+        if self._fire(peer, PeerEvent.PEER_LAN_ENDPOINT):
             self._send_lan_endpoint(peer)
         if peer.state in (State.PREPARING, State.CONNECTING):
             self._seal_to(peer, self._heartbeat_bytes(peer), endpoint)
@@ -334,24 +323,23 @@ class PeerManager:
 
     def _heartbeat(self, hb: pm.Heartbeat, addr: Addr, now: float) -> None:
         peer = self._peers.get(hb.tun.packed)
-        if peer is None or peer.state not in (State.PREPARING, State.CONNECTING, State.CONNECTED):
+        if peer is None:
+            return
+        was = peer.state
+        if not self._fire(peer, PeerEvent.HEARTBEAT, host=addr[0], port=addr[1]):
             return
         peer.endpoint = addr
         peer.last_heartbeat = now
         first = not peer.ack
         peer.ack = True
-        if peer.state is State.PREPARING:
-            self._set_state(peer, State.CONNECTING, f"heartbeat from {addr[0]}:{addr[1]}")
-            self._seal_to(peer, self._heartbeat_bytes(peer))
-        elif first and peer.state is State.CONNECTING:
-            self._seal_to(peer, self._heartbeat_bytes(peer))
+        if peer.state is State.CONNECTING and (first or was is not State.CONNECTING):
+            self._seal_to(peer, self._heartbeat_bytes(peer))  # answer the first heartbeat
         if hb.ack:
-            if peer.state is State.CONNECTING:
-                self._set_state(peer, State.CONNECTED, f"heartbeat acknowledged by {addr[0]}")
-                if self.config.route > 0:  # PROTOCOL.md 4.4: measure the delay on entry
-                    self._send_delay(peer, now)
-            else:
-                peer.count = 0
+            was = peer.state
+            self._fire(peer, PeerEvent.HEARTBEAT_ACK, host=addr[0])
+            entered = peer.state is State.CONNECTED and was is not State.CONNECTED
+            if entered and self.config.route > 0:
+                self._send_delay(peer, now)  # PROTOCOL.md 4.4: measure the delay on entry
 
     def _delay(self, msg: pm.Delay, addr: Addr, now: float) -> None:
         if msg.dst.packed == self._ip:  # a probe from a peer: echo it unchanged, in any state
@@ -419,14 +407,14 @@ class PeerManager:
         self._stun.public = public
         ip, port = public
         for peer in list(self._peers.values()):
-            if peer.state is not State.PREPARING or peer.count <= 2:
+            if peer.state is not State.PREPARING or peer.count <= EXCHANGE_AFTER:
                 continue
             msg = m.Peer(IPv4Address(self._ip), IPv4Address(peer.ip), IPv4Address(ip), port)
             self._send_message(msg.encode())
             if peer.endpoint is not None:
-                self._set_state(peer, State.CONNECTING, "sent our public endpoint")
+                self._fire(peer, PeerEvent.SENT_PUBLIC_ENDPOINT_KNOWING_THEIRS)
             else:
-                self._set_state(peer, State.SYNCHRONIZING, "sent our public endpoint")
+                self._fire(peer, PeerEvent.SENT_PUBLIC_ENDPOINT)
 
     # --- the 1-second tick --------------------------------------------------------------
     def handle_timer(self, now: float) -> None:
@@ -451,28 +439,20 @@ class PeerManager:
         for peer in list(self._peers.values()):
             peer.count += 1
             state = peer.state
+            timeout = TIMEOUTS.get(state)
+            if timeout is not None and peer.count > timeout[0]:
+                self._fire(peer, timeout[1])
+                continue
             if state is State.PREPARING:
-                if peer.count > 10:
-                    self._set_state(peer, State.FAILED, "STUN timeout")
-                    continue
-                need_stun = need_stun or peer.count > 1
+                need_stun = need_stun or peer.count > STUN_AFTER
                 if peer.lan is not None:
                     self._seal_to(peer, self._heartbeat_bytes(peer), peer.lan)
-            elif state is State.SYNCHRONIZING:
-                if peer.count > 10:
-                    self._set_state(peer, State.FAILED, "no public endpoint from the peer")
             elif state is State.CONNECTING:
-                if peer.count > 10:
-                    self._set_state(peer, State.WAITING, "no answer to heartbeats for 10 s")
-                    continue
                 beat = self._heartbeat_bytes(peer)
                 self._seal_to(peer, beat)
                 if peer.lan is not None and peer.lan != peer.endpoint:
                     self._seal_to(peer, beat, peer.lan)
             elif state is State.CONNECTED:
-                if peer.count > 3:
-                    self._set_state(peer, State.INIT, "no heartbeat for 3 s")
-                    continue
                 self._seal_to(peer, self._heartbeat_bytes(peer))
                 if self.config.route > 0:
                     peer.delay_ticks += 1
@@ -480,7 +460,7 @@ class PeerManager:
                         self._send_delay(peer, now)
             elif state is State.WAITING and peer.count >= peer.retry:
                 peer.retry = min(peer.retry * 2, RETRY_MAX)
-                self._set_state(peer, State.INIT, "retrying after back-off")
+                self._fire(peer, PeerEvent.RETRY)
         if need_stun and self._stun is not None:
             self._send_stun()
 
@@ -489,26 +469,34 @@ class PeerManager:
         msg = pm.Delay(IPv4Address(self._ip), IPv4Address(peer.ip), int(now * 1000))
         self._seal_to(peer, msg.encode())
 
-    # --- state changes ------------------------------------------------------------------
-    def _set_state(self, peer: _Peer, new: State, reason: str) -> None:
+    # --- state changes (the table is in peerstate.py) -----------------------------------
+    def _fire(self, peer: _Peer, event: PeerEvent, **details: object) -> bool:
+        """Apply ``event`` to ``peer`` as TRANSITIONS says; ``False`` if it is ignored there."""
+        rule = TRANSITIONS.get((peer.state, event))
+        if rule is None:
+            return False
+        new, reason = rule
+        if reason is None:  # STAY: accepted, nothing changes
+            return True
         old = peer.state
         peer.count = 0
-        if new in _FORGETFUL:
+        if new in FORGET_ENDPOINT:
             peer.endpoint = None
             peer.ack = False
-            if new is not State.WAITING:
+            if new in FORGET_LAN:
                 peer.lan = None
         if old is new:
-            return
+            return True
         peer.state = new
         ip = IPv4Address(peer.ip)
-        self._events.append(PeerStateChanged(ip, old.value, new.value, reason))
+        self._events.append(PeerStateChanged(ip, old.value, new.value, reason.format(**details)))
         if new is State.CONNECTED:
             peer.retry = RETRY_MIN
             peer.delay_ticks = 0  # the first DELAY goes out on entry (see _heartbeat)
         elif old is State.CONNECTED:
             peer.delay_ms = None
             self._withdraw(peer.ip)
+        return True
 
     def _withdraw(self, via: bytes) -> None:
         """``via`` left CONNECTED: drop every route through it and tell the others."""

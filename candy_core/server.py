@@ -276,13 +276,14 @@ class RelayServer:
         if src_ip is None:
             self._drop_frame(conn, "unauthenticated", "FORWARD before AUTH dropped")
             return
-        if len(payload) < 21:
-            self._drop_frame(conn, "short", "FORWARD shorter than an IPv4 header dropped")
+        try:
+            src, dst = m.ipv4_endpoints(payload, 1)
+        except m.ProtocolError as exc:
+            self._drop_frame(conn, "malformed1", f"FORWARD dropped: {exc}")
             return
-        if payload[13:17] != src_ip:
+        if src != src_ip:
             self._drop_frame(conn, "spoofed", "FORWARD with a spoofed source address dropped")
             return
-        dst = payload[17:21]
         target = self._by_ip.get(dst)
         if target is not None:
             if target is not conn:

@@ -614,6 +614,34 @@ def test_forward_shorter_than_an_ipv4_header_is_dropped(relay: Relay) -> None:
     assert len(b.take()) == 1
 
 
+def test_forward_of_17_bytes_is_dropped_without_an_exception(relay: Relay) -> None:
+    a, b, c = trio(relay)
+    a.send(forward("10.99.0.1", "10.99.0.2", b"")[:17])  # the server itself raises nothing
+    assert b.take() == [] and c.take() == [] and not a.closed
+    assert relay.server.stats.frames_dropped == 1
+    assert relay.server.stats.rejected == 0
+
+
+def test_every_forward_shorter_than_a_header_is_dropped_and_counted(relay: Relay) -> None:
+    a, b, _ = trio(relay)
+    full = forward("10.99.0.1", "10.99.0.2", b"")
+    assert len(full) == 21
+    for n in range(1, 21):
+        a.send(full[:n])
+    assert b.take() == [] and not a.closed
+    assert relay.server.stats.frames_dropped == 20
+    a.send(full)  # 21 bytes, the minimum: relayed
+    assert b.take() == [full]
+
+
+def test_forward_of_a_non_ipv4_packet_is_dropped(relay: Relay) -> None:
+    a, b, _ = trio(relay)
+    data = forward("10.99.0.1", "10.99.0.2")
+    a.send(data[:1] + b"\x60" + data[2:])
+    assert b.take() == [] and not a.closed
+    assert relay.server.stats.frames_dropped == 1
+
+
 def test_unicast_forward_reaches_only_its_destination(relay: Relay) -> None:
     a, b, c = trio(relay)
     data = forward("10.99.0.1", "10.99.0.2", b"hello b")

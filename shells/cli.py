@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import TextIO
 
-from shells.settings import DaemonSettings, SettingsError, candy_version, parse_args
+from candy_core.config import ConfigError
+from shells.settings import DaemonSettings, candy_version, parse_args
 
 __all__ = ["configure_logging", "main"]
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             settings = parse_args(argv)
-        except SettingsError as exc:
+        except ConfigError as exc:  # SettingsError, or a value the core config refused
             _error(str(exc))
             return 2
         except SystemExit as exc:  # --help, --version, or argparse's own usage error

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import TextIO
 
-from candy_core.config import ConfigError
+from candy_core import ConfigError
 from shells.settings import DaemonSettings, candy_version, parse_args
 
 __all__ = ["configure_logging", "main"]

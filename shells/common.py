@@ -12,8 +12,17 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from candy_core import events as ev
-from candy_core.config import ClientConfig
+from candy_core import (
+    AddressAssigned,
+    AddressChanged,
+    ClientAuthenticated,
+    ClientConfig,
+    ClientDisconnected,
+    Connected,
+    Disconnected,
+    PeerStateChanged,
+    Reconnecting,
+)
 
 if TYPE_CHECKING:
     from shells.settings import DaemonSettings
@@ -58,21 +67,21 @@ def client_ssl_context(
 def describe(event: object) -> str:
     """A one-line, human readable form of a core event."""
     match event:
-        case ev.ClientAuthenticated(cid, ip):
+        case ClientAuthenticated(cid, ip):
             return f"client {cid} authenticated as {ip}"
-        case ev.AddressAssigned(cid, address):
+        case AddressAssigned(cid, address):
             return f"assigned {address} to client {cid}"
-        case ev.ClientDisconnected(cid, ip, reason):
+        case ClientDisconnected(cid, ip, reason):
             return f"client {cid}{f' ({ip})' if ip else ''} disconnected: {reason}"
-        case ev.Connected(address):
+        case Connected(address):
             return f"joined the network as {address}"
-        case ev.AddressChanged(address):
+        case AddressChanged(address):
             return f"virtual address is {address}"
-        case ev.Disconnected(reason):
+        case Disconnected(reason):
             return f"disconnected from the server: {reason}"
-        case ev.Reconnecting(delay, attempt):
+        case Reconnecting(delay, attempt):
             return f"reconnecting in {delay:.1f} s (attempt {attempt})"
-        case ev.PeerStateChanged(ip, old, new, reason):
+        case PeerStateChanged(ip, old, new, reason):
             return f"peer {ip}: {old} -> {new} ({reason})"
     return repr(event)
 

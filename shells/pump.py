@@ -11,11 +11,18 @@ import logging
 from collections import deque
 from collections.abc import Callable, Hashable
 
-from candy_core.client import Client as ClientCore
-from candy_core.config import ClientConfig
-from candy_core.drain import drain_client, drain_server
-from candy_core.events import AddressChanged, ClientEvent, Connected, Disconnected, ServerEvent
-from candy_core.server import RelayServer
+from candy_core import (
+    AddressChanged,
+    ClientConfig,
+    ClientEvent,
+    Connected,
+    Disconnected,
+    RelayServer,
+    ServerEvent,
+    drain_client,
+    drain_server,
+)
+from candy_core import Client as ClientCore
 from shells.common import Resolver, client_config_for_run, describe, system_rng
 from shells.state import StateStore
 from shells.tun import TunDevice

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import libconf
 
-from candy_core.config import (
+from candy_core import (
     ClientConfig,
     ConfigError,
     FieldError,

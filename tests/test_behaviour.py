@@ -33,8 +33,16 @@ from runtimes import (
     wait_until,
 )
 
-from candy_core import events as ev
-from candy_core.config import ClientConfig, ServerConfig
+from candy_core import (
+    AddressAssigned,
+    AddressChanged,
+    ClientConfig,
+    ClientDisconnected,
+    Connected,
+    Disconnected,
+    Reconnecting,
+    ServerConfig,
+)
 
 PASSWORD = "behaviour"
 NETWORK = IPv4Network("10.99.0.0/24")
@@ -132,9 +140,9 @@ def test_two_dynamic_clients_get_addresses_and_exchange_packets(adapter: Runtime
     for address in (a.address, b.address):
         assert address.ip not in (NETWORK.network_address, NETWORK.broadcast_address)
     for client in (a, b):
-        assert of_type(client.events, ev.AddressChanged)[-1].address == client.address
-        assert of_type(client.events, ev.Connected)[-1].address == client.address
-    assert {e.address for e in of_type(server.events, ev.AddressAssigned)} == {
+        assert of_type(client.events, AddressChanged)[-1].address == client.address
+        assert of_type(client.events, Connected)[-1].address == client.address
+    assert {e.address for e in of_type(server.events, AddressAssigned)} == {
         a.address,
         b.address,
     }
@@ -150,7 +158,7 @@ def test_static_client_is_reachable_from_a_dynamic_one(adapter: RuntimeAdapter) 
     join(server, dynamic)
 
     assert static.address == IPv4Interface("10.99.0.77/24")
-    assert of_type(server.events, ev.AddressAssigned)[0].address.ip != static.address.ip
+    assert of_type(server.events, AddressAssigned)[0].address.ip != static.address.ip
     exchange(dynamic, static)
 
 
@@ -177,19 +185,19 @@ def test_wrong_password_is_refused_and_retried_while_others_work(
     join(server, a, b)
     wrong = adapter.start_client(client_config(server, password="not the password"))
 
-    assert wait_until(lambda: len(of_type(wrong.events, ev.Reconnecting)) >= 4, 5.0), wrong.events
+    assert wait_until(lambda: len(of_type(wrong.events, Reconnecting)) >= 4, 5.0), wrong.events
     exchange(a, b, "during retries")
 
-    disconnects = of_type(wrong.events, ev.Disconnected)
+    disconnects = of_type(wrong.events, Disconnected)
     assert disconnects and all("password" in e.reason for e in disconnects), disconnects
-    retries = of_type(wrong.events, ev.Reconnecting)
+    retries = of_type(wrong.events, Reconnecting)
     assert [e.attempt for e in retries[:4]] == [1, 2, 3, 4]
     delays = [e.delay for e in retries[:4]]
     assert delays == sorted(delays) and delays[0] < delays[3], delays
     assert all(0.05 <= e.delay <= 0.4 for e in retries), retries
-    assert not of_type(wrong.events, ev.Connected)
+    assert not of_type(wrong.events, Connected)
     assert not wrong.wait_connected(0.2)
-    refused = [e for e in of_type(server.events, ev.ClientDisconnected) if e.ip is None]
+    refused = [e for e in of_type(server.events, ClientDisconnected) if e.ip is None]
     assert any("password" in e.reason for e in refused), server.events
     assert server.authenticated() == {ip_of(a), ip_of(b)}
     exchange(a, b, "after retries")
@@ -223,7 +231,7 @@ def test_a_slow_reader_does_not_stop_the_relay(adapter: RuntimeAdapter) -> None:
         assert stats.backlog_dropped > 0, f"no backlog drops after {sent} broadcasts: {stats}"
         exchange(a, b, "after flood")
         assert server.authenticated() == {ip_of(a), ip_of(b), slow_ip}
-        assert not of_type(a.events, ev.Disconnected) and not of_type(b.events, ev.Disconnected)
+        assert not of_type(a.events, Disconnected) and not of_type(b.events, Disconnected)
         # Leave without the closing handshake: this reader never reads the server's answer.
         slow.close_socket()
 
@@ -254,9 +262,9 @@ def test_idle_connections_time_out_but_pinging_clients_stay(adapter: RuntimeAdap
 
     time.sleep(max(0.0, 3.0 - (time.monotonic() - start)))
     for client in (a, b):
-        assert not of_type(client.events, ev.Disconnected), client.events
+        assert not of_type(client.events, Disconnected), client.events
     assert server.authenticated() == {ip_of(a), ip_of(b)}
-    gone = [e.ip for e in of_type(server.events, ev.ClientDisconnected)]
+    gone = [e.ip for e in of_type(server.events, ClientDisconnected)]
     assert gone == [IPv4Address("10.99.0.251")], server.events
     exchange(a, b, "after idling")
 
@@ -273,14 +281,14 @@ def test_clients_reconnect_to_a_restarted_server_with_the_same_addresses(
     exchange(a, b, "before restart")
 
     first.stop()
-    assert wait_until(lambda: of_type(a.events, ev.Disconnected), 5.0)
-    assert wait_until(lambda: of_type(b.events, ev.Disconnected), 5.0)
+    assert wait_until(lambda: of_type(a.events, Disconnected), 5.0)
+    assert wait_until(lambda: of_type(b.events, Disconnected), 5.0)
     time.sleep(0.3)  # a few refused attempts while nobody listens
 
     second = adapter.start_server(server_config(), port=port)
     join(second, a, b)
     assert (a.address, b.address) == before
-    requested = {e.address for e in of_type(second.events, ev.AddressAssigned)}
+    requested = {e.address for e in of_type(second.events, AddressAssigned)}
     assert requested == set(before)
     exchange(a, b, "after restart")
     assert (tmp_path / "address" / "__noname__").read_text().strip() == str(before[0])

@@ -16,10 +16,9 @@ import pytest
 from vectors import load_vectors
 from wsproto.utilities import generate_accept_token
 
+from candy_core import AddressChanged, ClientConfig, Connected, Disconnected, Reconnecting
 from candy_core import messages as m
 from candy_core.client import MAX_PADDING, Client, ClientState, new_vmac
-from candy_core.config import ClientConfig
-from candy_core.events import AddressChanged, Connected, Disconnected, Reconnecting
 from candy_core.wsframe import (
     CLOSE_NORMAL,
     OP_BINARY,

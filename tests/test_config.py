@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 
-from candy_core import config
+from candy_core import CandyError, Limits, config
 from candy_core.config import ClientConfig, ConfigError, FieldError, ServerConfig, check_port
-from candy_core.errors import CandyError
-from candy_core.limits import Limits
 from shells import cli
 from shells.settings import SettingsError
 

@@ -34,8 +34,9 @@ def test_a_burst_is_admitted_then_the_rate_holds() -> None:
 
 
 def test_failed_handshakes_slow_a_source_down_further() -> None:
-    honest, guesser = SourceLimiter(Limits(connect_rate=10, connect_burst=20)), SourceLimiter(
-        Limits(connect_rate=10, connect_burst=20, failure_cost=5)
+    honest, guesser = (
+        SourceLimiter(Limits(connect_rate=10, connect_burst=20)),
+        SourceLimiter(Limits(connect_rate=10, connect_burst=20, failure_cost=5)),
     )
     for lim, failed in ((honest, False), (guesser, True)):
         for _ in range(3):

@@ -14,9 +14,9 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from candy_core import Disconnected, PeerStateChanged
 from candy_core import peermsg as pm
 from candy_core.crypto import PeerCipher, peer_key
-from candy_core.events import Disconnected, PeerStateChanged
 from candy_core.sim import NAT_KINDS, Nat, SimClient, Simulation, icmp, icmp_seq
 
 PASSWORD = "p2p-scenarios"

@@ -15,12 +15,10 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
+from candy_core import ClientConfig, PeerStateChanged, stun
 from candy_core import messages as m
 from candy_core import peermsg as pm
-from candy_core import stun
-from candy_core.config import ClientConfig
 from candy_core.crypto import PeerCipher, peer_key
-from candy_core.events import PeerStateChanged
 from candy_core.peers import PeerManager, State
 from candy_core.peerstate import (
     EXCHANGE_AFTER,

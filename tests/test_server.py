@@ -10,10 +10,14 @@ from ipaddress import IPv4Address, IPv4Interface
 import pytest
 from vectors import load_vectors
 
+from candy_core import (
+    AddressAssigned,
+    ClientAuthenticated,
+    ClientDisconnected,
+    ProtocolError,
+    ServerConfig,
+)
 from candy_core import messages as m
-from candy_core.config import ServerConfig
-from candy_core.events import AddressAssigned, ClientAuthenticated, ClientDisconnected
-from candy_core.messages import ProtocolError
 from candy_core.server import RelayServer
 from candy_core.upgrade import ClientUpgrade
 from candy_core.wsframe import (

@@ -30,8 +30,7 @@ from runtimes import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from candy_core import events as ev
-from candy_core.config import ServerConfig
+from candy_core import ClientAuthenticated, ClientDisconnected, ServerConfig
 from shells.asyncio.server import Server
 
 PASSWORD = "independent"
@@ -123,7 +122,7 @@ def test_static_and_dynamic_members_exchange_forward_frames() -> None:
             await join_static(a, A)
             b_addr = await join_dynamic(b, padding=b"\x00" * 11)
             assert b_addr.ip not in (A, NETWORK.network_address, NETWORK.broadcast_address)
-            assert {e.ip for e in events if isinstance(e, ev.ClientAuthenticated)} == {
+            assert {e.ip for e in events if isinstance(e, ClientAuthenticated)} == {
                 A,
                 b_addr.ip,
             }
@@ -201,7 +200,7 @@ def test_a_wrong_password_closes_only_that_connection(wrong: str) -> None:
             await b.send(frame)
             await expect(a, frame)
             assert set(server.core.clients) == {A, B}
-            refused = [e for e in events if isinstance(e, ev.ClientDisconnected)]
+            refused = [e for e in events if isinstance(e, ClientDisconnected)]
             assert [e.reason for e in refused] == ["wrong password"]
 
     run(scenario)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from candy_core.client import ClientState
-from candy_core.config import ClientConfig
+from candy_core import ClientConfig, ClientState
 from shells.state import StateStore
 
 HEX = set("0123456789abcdef")

@@ -26,10 +26,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 
-from candy_core import events as ev
+from candy_core import (
+    ClientAuthenticated,
+    ClientConfig,
+    Connected,
+    Disconnected,
+    Reconnecting,
+    ServerConfig,
+    new_vmac,
+)
 from candy_core import messages as m
-from candy_core.client import new_vmac
-from candy_core.config import ClientConfig, ServerConfig
 from shells.asyncio.client import Client
 from shells.asyncio.server import Server
 from shells.common import client_ssl_context, server_ssl_context
@@ -178,9 +184,9 @@ def test_client_with_the_ca_joins(pki: Pki) -> None:
                 await client.wait_connected(timeout=4)
                 assert client.address is not None
                 assert client.address.network == IPv4Network(NETWORK)
-                authed = await wait_for_event(server_events, ev.ClientAuthenticated)
+                authed = await wait_for_event(server_events, ClientAuthenticated)
                 assert authed.ip == client.address.ip
-                assert not [e for e in events if isinstance(e, ev.Disconnected)]
+                assert not [e for e in events if isinstance(e, Disconnected)]
 
     run(scenario)
 
@@ -226,8 +232,8 @@ def test_client_connecting_by_ip_address_verifies_the_ip_san(pki: Pki) -> None:
 
 def assert_refused_for_certificate(events: list[Any], client: Client) -> None:
     assert not client.core.authenticated
-    assert not [e for e in events if isinstance(e, ev.Connected)]
-    reasons = [e.reason for e in events if isinstance(e, ev.Disconnected)]
+    assert not [e for e in events if isinstance(e, Connected)]
+    reasons = [e.reason for e in events if isinstance(e, Disconnected)]
     assert reasons
     for reason in reasons:
         assert "certificate" in reason.lower() and "verif" in reason.lower(), reason
@@ -238,12 +244,12 @@ def test_client_without_the_ca_does_not_join(pki: Pki) -> None:
         async with tls_relay(pki) as (server, server_events):
             ctx = client_ssl_context(verify=True)
             async with tls_client(server.port, ctx) as (client, events):
-                await wait_for_event(events, ev.Disconnected)
-                await wait_for_event(events, ev.Reconnecting)
+                await wait_for_event(events, Disconnected)
+                await wait_for_event(events, Reconnecting)
                 with pytest.raises(TimeoutError):
                     await client.wait_connected(timeout=0.5)
                 assert_refused_for_certificate(events, client)
-            assert not [e for e in server_events if isinstance(e, ev.ClientAuthenticated)]
+            assert not [e for e in server_events if isinstance(e, ClientAuthenticated)]
 
     run(scenario)
 
@@ -255,7 +261,7 @@ def test_certificate_for_another_name_is_refused(pki: Pki, tmp_path: Path) -> No
         async with tls_relay(other) as (server, _):
             ctx = client_ssl_context(verify=True, ca_file=other.ca)
             async with tls_client(server.port, ctx) as (client, events):
-                await wait_for_event(events, ev.Disconnected)
+                await wait_for_event(events, Disconnected)
                 with pytest.raises(TimeoutError):
                     await client.wait_connected(timeout=0.3)
                 assert_refused_for_certificate(events, client)
@@ -269,7 +275,7 @@ def test_client_without_verification_joins(pki: Pki) -> None:
             ctx = client_ssl_context(verify=False)
             async with tls_client(server.port, ctx) as (client, events):
                 await client.wait_connected(timeout=4)
-                assert not [e for e in events if isinstance(e, ev.Disconnected)]
+                assert not [e for e in events if isinstance(e, Disconnected)]
 
     run(scenario)
 
@@ -280,7 +286,7 @@ def test_plain_client_against_the_tls_server_does_not_join(pki: Pki) -> None:
             config = ClientConfig(password=PASSWORD, host="localhost", port=server.port)
             events: list[Any] = []
             async with Client(config, tun=False, on_event=events.append) as client:
-                await wait_for_event(events, ev.Disconnected)
+                await wait_for_event(events, Disconnected)
                 assert not client.core.authenticated
 
     run(scenario)
@@ -302,7 +308,7 @@ def test_websockets_library_completes_the_upgrade_over_tls(pki: Pki) -> None:
                 address = IPv4Interface(reply.cidr)
                 assert address.network == IPv4Network(NETWORK)
                 await ws.send(m.Auth.create(PASSWORD, address.ip, wall).encode())
-                authed = await wait_for_event(server_events, ev.ClientAuthenticated)
+                authed = await wait_for_event(server_events, ClientAuthenticated)
                 assert authed.ip == address.ip
                 pong = await ws.ping(b"candy::linux::5.6")
                 await asyncio.wait_for(pong, 4)
@@ -318,8 +324,8 @@ def test_invalid_host_name_fails_and_is_retried() -> None:
         config = ClientConfig(password=PASSWORD, host="a" * 70 + ".example", port=443)
         ctx = client_ssl_context(verify=True)
         async with Client(config, ssl_context=ctx, tun=False, on_event=events.append) as client:
-            await wait_for_event(events, ev.Disconnected)
-            await wait_for_event(events, ev.Reconnecting)
+            await wait_for_event(events, Disconnected)
+            await wait_for_event(events, Reconnecting)
             assert not client.core.authenticated
 
     run(scenario)

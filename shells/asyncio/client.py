@@ -12,10 +12,8 @@ from collections.abc import Callable
 from ipaddress import IPv4Interface
 from typing import TYPE_CHECKING
 
-from candy_core.client import Client as ClientCore
-from candy_core.config import ClientConfig
-from candy_core.events import ClientEvent
-from candy_core.peers import PeerStatus
+from candy_core import Client as ClientCore
+from candy_core import ClientConfig, ClientEvent, PeerStatus
 from shells.asyncio.timer import DeadlineTimer
 from shells.common import CONNECT_TIMEOUT, client_kwargs, track_joined
 from shells.pump import ClientPump

@@ -9,9 +9,7 @@ import ssl
 import time
 from collections.abc import Callable, Hashable
 
-from candy_core.config import ServerConfig
-from candy_core.events import ServerEvent
-from candy_core.server import RelayServer
+from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.asyncio.timer import DeadlineTimer
 from shells.common import system_rng
 from shells.pump import ServerPump

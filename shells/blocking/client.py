@@ -7,9 +7,8 @@ from collections.abc import Callable
 from ipaddress import IPv4Interface
 from typing import Any
 
-from candy_core.client import Client as ClientCore
-from candy_core.config import ClientConfig
-from candy_core.peers import PeerStatus
+from candy_core import Client as ClientCore
+from candy_core import ClientConfig, PeerStatus
 from shells.blocking.loop import POLL, Kit, Loop, recv_loop
 from shells.blocking.writer import HIGH_WATER, SEND_TIMEOUT, Writer
 from shells.common import CONNECT_TIMEOUT, track_joined

@@ -8,8 +8,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from candy_core.config import ServerConfig
-from candy_core.server import RelayServer
+from candy_core import RelayServer, ServerConfig
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.writer import SEND_TIMEOUT, Writer
 from shells.common import system_rng

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
@@ -19,7 +19,7 @@ from candy_core import messages as m
 from candy_core import peermsg as pm
 from candy_core import stun
 from candy_core.config import ClientConfig
-from candy_core.crypto import IV_SIZE, PeerCipher, ReplayWindow, peer_key
+from candy_core.crypto import IV_SIZE, PeerCipher, RecentIvs, ReplayWindow, peer_key
 from candy_core.events import ClientEvent, PeerStateChanged
 from candy_core.peerstate import (
     EXCHANGE_AFTER,
@@ -44,9 +44,21 @@ TICK = 1.0
 DELAY_EVERY = 60
 #: Most peers tracked; more are not negotiated with (memory stays bounded).
 MAX_PEERS = 4096
-#: Sources whose IVs are remembered for replay detection, and IVs per source.
-REPLAY_SOURCES = 256
-REPLAY_WINDOW = 2048
+#: Every datagram to us is sealed under one key, K(own address), whoever sends it: the
+#: replay window is kept per key, across all source addresses (the last this many IVs).
+REPLAY_WINDOW = 8192
+#: Heartbeats (they move a peer's endpoint) are remembered this long, at most this many.
+HEARTBEAT_MEMORY = 300.0
+HEARTBEAT_MEMORY_SIZE = 16384
+#: A CONNECTED peer's endpoint moves to a new address only after the current one has been
+#: silent this long (two heartbeat intervals); NAT rebinding still recovers within seconds.
+ENDPOINT_SILENCE = 2 * 1.0
+#: A measured round trip above this is not believed (a forged or broken DELAY echo).
+MAX_DELAY_MS = 60_000
+#: Relay routes kept at most (like peers); destinations must lie inside our network.
+MAX_ROUTES = MAX_PEERS
+#: Largest delay a route may carry; one more means "withdrawn" (PROTOCOL.md 4.3).
+MAX_ROUTE_DELAY = pm.ROUTE_WITHDRAWN - 1
 _ZERO = IPv4Address(0)
 #: The states in which relayed traffic matters, read from the table once: a relayed packet
 #: from a peer in any other state (every packet while its path is FAILED) costs one lookup.
@@ -93,6 +105,10 @@ class PeerStats:
     undecryptable: int = 0
     replayed: int = 0
     forwarded_for_peers: int = 0
+    #: Heartbeats from a new address ignored while the peer's endpoint was alive.
+    endpoint_moves_refused: int = 0
+    #: DELAY echoes and ROUTE announcements with values that cannot be true, ignored.
+    implausible: int = 0
 
 
 @dataclass(slots=True)
@@ -115,7 +131,8 @@ class PeerManager:
         self._datagrams: list[tuple[bytes, Addr]] = []
         self._peers: dict[bytes, _Peer] = {}
         self._routes: dict[bytes, _Route] = {}
-        self._replay: OrderedDict[Addr, ReplayWindow] = OrderedDict()
+        self._replay = ReplayWindow(REPLAY_WINDOW)
+        self._heartbeat_ivs = RecentIvs(HEARTBEAT_MEMORY, HEARTBEAT_MEMORY_SIZE)
         self._stun = _Stun(config.stun) if config.stun else None
         self.address: IPv4Interface | None = None
         self._ip: bytes | None = None
@@ -202,11 +219,12 @@ class PeerManager:
         if plain is None or not plain:
             self.stats.undecryptable += 1
             return []
-        if self._is_replay(addr, data[:IV_SIZE]):
+        iv = data[:IV_SIZE]
+        kind = plain[0]
+        if self._replay.seen(iv) or (kind == pm.HEARTBEAT and self._heartbeat_ivs.seen(iv, now)):
             self.stats.replayed += 1
             return []
         self.stats.datagrams_received += 1
-        kind = plain[0]
         if kind == pm.FORWARD:
             try:
                 _, dst = m.ipv4_endpoints(plain, 1)
@@ -226,15 +244,6 @@ class PeerManager:
         except m.ProtocolError as exc:
             log.debug("ignoring a malformed peer message from %s: %s", addr, exc)
         return []
-
-    def _is_replay(self, addr: Addr, iv: bytes) -> bool:
-        windows = self._replay
-        window = windows.get(addr)
-        if window is None:
-            window = windows[addr] = ReplayWindow(REPLAY_WINDOW)
-            if len(windows) > REPLAY_SOURCES:
-                windows.popitem(last=False)
-        return window.seen(iv)
 
     def _forward_for_peer(self, plain: bytes, dst: bytes) -> None:
         if self.config.route <= 0:
@@ -325,6 +334,14 @@ class PeerManager:
         peer = self._peers.get(hb.tun.packed)
         if peer is None:
             return
+        if (
+            addr != peer.endpoint
+            and peer.state is State.CONNECTED
+            and peer.last_heartbeat is not None
+            and now - peer.last_heartbeat < ENDPOINT_SILENCE
+        ):
+            self.stats.endpoint_moves_refused += 1  # the current endpoint is alive: stay
+            return
         was = peer.state
         if not self._fire(peer, PeerEvent.HEARTBEAT, host=addr[0], port=addr[1]):
             return
@@ -350,7 +367,11 @@ class PeerManager:
             peer = self._peers.get(msg.dst.packed)
             if peer is None or peer.state is not State.CONNECTED:
                 return
-            rtt = max(0, int(now * 1000) - msg.timestamp_ms)
+            rtt = int(now * 1000) - msg.timestamp_ms
+            if not 0 <= rtt <= MAX_DELAY_MS:
+                log.debug("ignoring a DELAY echo from %s with a round trip of %d ms", addr, rtt)
+                self.stats.implausible += 1
+                return
             peer.delay_ms = rtt
             self._update_route(peer.ip, peer.ip, rtt, announce=True)
 
@@ -365,17 +386,32 @@ class PeerManager:
             if current is not None and current.next == via:
                 del self._routes[dst]
             return
+        if not 0 <= msg.delay <= MAX_ROUTE_DELAY or not self._routable(dst):
+            self.stats.implausible += 1
+            return
         direct = self._routes.get(via)
         if direct is None or direct.next != via:
             return
+        if current is None and len(self._routes) >= MAX_ROUTES:
+            self.stats.implausible += 1  # table full: bounded like the peer table
+            return
         self._update_route(dst, via, direct.delay + msg.delay, announce=False)
 
+    def _routable(self, dst: bytes) -> bool:
+        """Whether ``dst`` can be a member: inside our network, not its network or broadcast."""
+        net = self.address.network if self.address is not None else None
+        if net is None:
+            return False
+        ip = IPv4Address(dst)
+        return ip in net and ip != net.network_address and ip != net.broadcast_address
+
     def _update_route(self, dst: bytes, via: bytes, delay: int, announce: bool) -> None:
+        delay = min(delay, MAX_ROUTE_DELAY)
         current = self._routes.get(dst)
         if current is None or current.next == via or delay < current.delay:
             self._routes[dst] = _Route(via, delay)
         if announce and self.config.route > 0:
-            self._announce(dst, delay + self.config.route)
+            self._announce(dst, min(delay + self.config.route, MAX_ROUTE_DELAY))
 
     def _announce(self, dst: bytes, delay: int) -> None:
         msg = pm.Route(IPv4Address(dst), IPv4Address(self._ip), delay).encode()

@@ -33,6 +33,7 @@ from candy_core.peerstate import (
     PeerEvent,
     State,
 )
+from candy_core.status import Counters, PeerInfo, Traffic, endpoint_text
 
 log = logging.getLogger("candy.peers")
 
@@ -90,6 +91,8 @@ class _Peer:
     last_heartbeat: float | None = None
     delay_ms: int | None = None
     delay_ticks: int = 0
+    #: The reason of the last state change (why the path is what it is).
+    reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -185,21 +188,92 @@ class PeerManager:
         return 0.0 if self._next_tick is None else self._next_tick
 
     # --- the hot paths ------------------------------------------------------------------
-    def send_packet(self, dst: bytes, packet: bytes, now: float) -> bool:
-        """Send ``packet`` over a routed or direct path if one is up; ``False`` otherwise."""
+    def send_packet(self, dst: bytes, packet: bytes, now: float) -> str | None:
+        """Send ``packet`` over a routed or direct path if one is up; returns which path
+        ("route", "direct" or "lan"), or None: the caller relays it through the server."""
         if not self.enabled:
-            return False
+            return None
         route = self._routes.get(dst)
-        if route is not None:
+        if route is not None and route.next != dst:
             hop = self._peers.get(route.next)
             if hop is not None and hop.state is State.CONNECTED:
                 self._seal_to(hop, b"\x01" + packet)
-                return True
+                return "route"
         peer = self._peers.get(dst)
         if peer is None or peer.state is not State.CONNECTED:
-            return False
+            return None
         self._seal_to(peer, b"\x01" + packet)
-        return True
+        return "lan" if peer.endpoint == peer.lan else "direct"
+
+    def path_from(self, src: bytes, addr: Addr) -> str:
+        """How a packet from ``src`` that arrived in a datagram from ``addr`` travelled."""
+        peer = self._peers.get(src)
+        if peer is None or peer.endpoint != addr:
+            return "route"
+        return "lan" if addr == peer.lan else "direct"
+
+    def counters(self) -> dict[str, int]:
+        """The peer-to-peer counters, by name."""
+        stats = self.stats
+        return {name: getattr(stats, name) for name in stats.__slots__}  # type: ignore[attr-defined]
+
+    def describe(self, now: float, traffic: Traffic) -> list[PeerInfo]:
+        """Every peer (known to the state machine or seen in traffic) for ``candy status``."""
+        result = []
+        seen = set()
+        for ip, peer in self._peers.items():
+            seen.add(ip)
+            route = self._routes.get(ip)
+            via = route.next if route is not None and route.next != ip else None
+            hop = self._peers.get(via) if via is not None else None
+            if hop is not None and hop.state is State.CONNECTED:
+                path = "route"
+            elif peer.state is State.CONNECTED:
+                path = "lan" if peer.endpoint == peer.lan else "direct"
+                via = None
+            else:
+                path, via = "relay", None
+            result.append(self._info(ip, peer.state.value, path, peer, via, now, traffic))
+        for ip in traffic.peers:
+            if ip not in seen:
+                state = "NONE" if not self.enabled else State.INIT.value
+                result.append(self._info(ip, state, "relay", None, None, now, traffic))
+        return sorted(result, key=lambda info: IPv4Address(info.ip))
+
+    def _info(
+        self,
+        ip: bytes,
+        state: str,
+        path: str,
+        peer: _Peer | None,
+        via: bytes | None,
+        now: float,
+        traffic: Traffic,
+    ) -> PeerInfo:
+        counters = traffic.peers.get(ip) or Counters()
+        if path in ("direct", "lan", "route"):
+            reason = None
+        elif not self.enabled:
+            reason = "peer-to-peer is off (no STUN server configured)"
+        elif peer is None or peer.reason is None:
+            reason = "no direct path negotiated yet"
+        else:
+            reason = peer.reason
+        heard = peer.last_heartbeat if peer is not None else None
+        return PeerInfo(
+            ip=str(IPv4Address(ip)),
+            state=state,
+            path=path,
+            endpoint=endpoint_text(peer.endpoint) if peer is not None and path != "relay" else None,
+            via=str(IPv4Address(via)) if via is not None else None,
+            rtt_ms=peer.delay_ms if peer is not None else None,
+            last_heartbeat_s=round(now - heard, 3) if heard is not None else None,
+            tx_bytes=counters.tx_bytes,
+            rx_bytes=counters.rx_bytes,
+            tx_packets=counters.tx_packets,
+            rx_packets=counters.rx_packets,
+            reason=reason,
+        )
 
     def _seal_to(self, peer: _Peer, plaintext: bytes, addr: Addr | None = None) -> None:
         target = addr or peer.endpoint
@@ -524,8 +598,8 @@ class PeerManager:
         if old is new:
             return True
         peer.state = new
-        ip = IPv4Address(peer.ip)
-        self._events.append(PeerStateChanged(ip, old.value, new.value, reason.format(**details)))
+        peer.reason = text = reason.format(**details)
+        self._events.append(PeerStateChanged(IPv4Address(peer.ip), old.value, new.value, text))
         if new is State.CONNECTED:
             peer.retry = RETRY_MIN
             peer.delay_ticks = 0  # the first DELAY goes out on entry (see _heartbeat)

@@ -21,6 +21,7 @@ from candy_core import icmp
 from candy_core import messages as m
 from candy_core.auth import within_window
 from candy_core.config import ClientConfig
+from candy_core.errors import ProtocolError
 from candy_core.events import (
     AddressChanged,
     ClientEvent,
@@ -329,7 +330,7 @@ class Client:
         ip = self._ip
         try:
             src, dst = m.ipv4_endpoints(packet)
-        except m.ProtocolError:
+        except ProtocolError:
             src = dst = b""  # dropped just below
         if ip is None or src != ip:
             self.stats.packets_dropped += 1
@@ -385,8 +386,9 @@ class Client:
         if self.phase is not Phase.OPEN or not data:
             return
         self._last_recv = now
+        assert self._parser is not None  # made in connection_made(), dropped when it ends
         try:
-            frames = self._parser.feed(data)  # type: ignore[union-attr]
+            frames = self._parser.feed(data)
         except FrameError as exc:
             self._protocol_failure(now, f"bad frame from the server: {exc}", exc.code)
             return
@@ -398,7 +400,7 @@ class Client:
                 if payload and payload[0] == m.FORWARD:
                     try:
                         src, _ = m.ipv4_endpoints(payload, 1)
-                    except m.ProtocolError:
+                    except ProtocolError:
                         self.stats.packets_dropped += 1
                         continue
                     self.stats.packets_from_server += 1
@@ -422,9 +424,10 @@ class Client:
                 self._out.append(encode_frame(OP_CLOSE, reply, self._masks.take()))
 
     def _receive_upgrade(self, data: bytes, now: float, wall: float) -> bytes:
+        assert self._upgrade is not None  # made in connection_made(), dropped once OPEN
         try:
-            result = self._upgrade.receive(data)  # type: ignore[union-attr]
-        except m.ProtocolError as exc:
+            result = self._upgrade.receive(data)
+        except ProtocolError as exc:
             self._protocol_failure(now, str(exc))
             return b""
         if result.rejected:
@@ -480,7 +483,7 @@ class Client:
     def _message(self, payload: bytes, now: float, wall: float) -> None:
         try:
             msg = m.decode(payload)
-        except m.ProtocolError as exc:
+        except ProtocolError as exc:
             log.warning("ignoring a malformed message from the server: %s", exc)
             return
         if isinstance(msg, m.Expected):

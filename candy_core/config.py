@@ -209,12 +209,10 @@ class ServerConfig:
         _check(self, _SERVER_RULES)
 
     @classmethod
-    def from_strings(
-        cls, password: str = "", dhcp: str | None = None, **kw: object
-    ) -> ServerConfig:
+    def from_strings(cls, password: str = "", dhcp: str | None = None, **kw: Any) -> ServerConfig:
         """Build from user-facing strings (``dhcp="10.0.0.0/24"``)."""
         net = parse_interface(dhcp, "dhcp").network if dhcp else None
-        return cls(password=password, dhcp=net, **kw)  # type: ignore[arg-type]
+        return cls(password=password, dhcp=net, **kw)
 
 
 _SERVER_RULES: dict[str, _Rule] = {

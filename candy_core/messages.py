@@ -9,6 +9,7 @@ AUTH, EXPECTED, VMAC, PEER and DISCOVERY are padding and are ignored.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -89,7 +90,7 @@ def ipv4_endpoints(data: bytes, start: int = 0) -> tuple[bytes, bytes]:
         raise ProtocolError(f"packet too short for an IPv4 header: {size} bytes, need 20")
     if data[start] >> 4 != 4:
         raise ProtocolError(f"not an IPv4 packet: IP version {data[start] >> 4}")
-    return _IPV4_ADDRESSES.unpack_from(data, start + 12)  # type: ignore[return-value]
+    return _IPV4_ADDRESSES.unpack_from(data, start + 12)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +291,7 @@ class Unknown:
 
 Message = Auth | Forward | Expected | Peer | Vmac | Discovery | General | Unknown
 
-_DECODERS = {
+_DECODERS: dict[int, Callable[[bytes], Message]] = {
     AUTH: Auth.decode,
     FORWARD: Forward.decode,
     EXPECTED: Expected.decode,

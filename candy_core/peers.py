@@ -12,7 +12,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 
 from candy_core import messages as m
@@ -20,6 +20,7 @@ from candy_core import peermsg as pm
 from candy_core import stun
 from candy_core.config import ClientConfig
 from candy_core.crypto import IV_SIZE, PeerCipher, RecentIvs, ReplayWindow, peer_key
+from candy_core.errors import ProtocolError, StunError
 from candy_core.events import ClientEvent, PeerStateChanged
 from candy_core.peerstate import (
     EXCHANGE_AFTER,
@@ -214,8 +215,7 @@ class PeerManager:
 
     def counters(self) -> dict[str, int]:
         """The peer-to-peer counters, by name."""
-        stats = self.stats
-        return {name: getattr(stats, name) for name in stats.__slots__}  # type: ignore[attr-defined]
+        return asdict(self.stats)
 
     def describe(self, now: float, traffic: Traffic) -> list[PeerInfo]:
         """Every peer (known to the state machine or seen in traffic) for ``candy status``."""
@@ -302,7 +302,7 @@ class PeerManager:
         if kind == pm.FORWARD:
             try:
                 _, dst = m.ipv4_endpoints(plain, 1)
-            except m.ProtocolError:
+            except ProtocolError:
                 return []
             if dst == self._ip:
                 return [plain[1:]]
@@ -315,7 +315,7 @@ class PeerManager:
                 self._delay(pm.Delay.decode(plain), addr, now)
             elif kind == pm.ROUTE:
                 self._route(pm.Route.decode(plain), addr)
-        except m.ProtocolError as exc:
+        except ProtocolError as exc:
             log.debug("ignoring a malformed peer message from %s: %s", addr, exc)
         return []
 
@@ -507,9 +507,9 @@ class PeerManager:
         try:
             tid = bytes(data[8:20])
             if tid not in self._stun.tids:
-                raise stun.StunError("unknown transaction id")
+                raise StunError("unknown transaction id")
             public = stun.parse_binding_response(data, tid)
-        except stun.StunError as exc:
+        except StunError as exc:
             log.debug("ignoring a STUN answer: %s", exc)
             return
         if public != self._stun.public:

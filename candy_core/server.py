@@ -20,6 +20,7 @@ from candy_core import messages as m
 from candy_core.addressing import BROADCAST, AddressPool, is_multicast
 from candy_core.auth import ReplayGuard, within_window
 from candy_core.config import ServerConfig
+from candy_core.errors import ProtocolError
 from candy_core.events import AddressAssigned, ClientAuthenticated, ClientDisconnected, ServerEvent
 from candy_core.limits import SourceLimiter, source_of
 from candy_core.upgrade import ServerUpgrade
@@ -226,13 +227,14 @@ class RelayServer:
             data = self._upgrade(conn, data)
             if not data:
                 return
+        assert conn.parser is not None  # made when the upgrade completed (phase OPEN)
         try:
-            frames = conn.parser.feed(data)  # type: ignore[union-attr]
+            frames = conn.parser.feed(data)
         except FrameError as exc:
             self._reject(conn, exc.code, str(exc), str(exc))
             return
         for frame in frames:
-            if conn.phase is Phase.CLOSED:
+            if conn.phase is not Phase.OPEN:  # handling a frame may have closed it
                 return
             if frame.opcode == OP_BINARY:
                 payload = frame.payload
@@ -244,7 +246,8 @@ class RelayServer:
                 self._control(conn, frame.opcode, frame.payload)
 
     def _upgrade(self, conn: _Connection, data: bytes) -> bytes:
-        result = conn.upgrade.receive(data)  # type: ignore[union-attr]
+        assert conn.upgrade is not None  # kept until the upgrade completes
+        result = conn.upgrade.receive(data)
         if result.reply:
             self._send_raw(conn, result.reply)
         if result.rejected:
@@ -278,7 +281,7 @@ class RelayServer:
             return
         try:
             src, dst = m.ipv4_endpoints(payload, 1)
-        except m.ProtocolError as exc:
+        except ProtocolError as exc:
             self._drop_frame(conn, "malformed1", f"FORWARD dropped: {exc}")
             return
         if src != src_ip:
@@ -329,7 +332,7 @@ class RelayServer:
             return
         try:
             msg = m.decode(payload)
-        except m.ProtocolError as exc:
+        except ProtocolError as exc:
             if payload[0] in (m.AUTH, m.EXPECTED, m.VMAC):
                 self._reject(conn, CLOSE_POLICY, "malformed handshake", str(exc))
             else:

@@ -18,6 +18,7 @@ from candy_core import (
     ClientAuthenticated,
     ClientConfig,
     ClientDisconnected,
+    ClientEvent,
     Connected,
     Disconnected,
     PeerStateChanged,
@@ -114,7 +115,7 @@ def client_config_for_run(
     getaddrinfo: Resolver | None = None,
 ) -> ClientConfig:
     """Resolve what the core needs as addresses: the STUN server and our LAN address."""
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if stun_host:
         port = stun_port or 3478
         try:
@@ -125,7 +126,7 @@ def client_config_for_run(
         lan = detect_lan_address(config.host, config.port, getaddrinfo)
         if lan:
             changes["localhost"] = lan
-    return dataclasses.replace(config, **changes) if changes else config  # type: ignore[arg-type]
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 class Flag(Protocol):
@@ -137,15 +138,15 @@ class Flag(Protocol):
 
 
 def track_joined(
-    joined: Callable[[], bool], flag: Flag, user: Callable[[Any], None] | None
-) -> Callable[[object], None]:
+    joined: Callable[[], bool], flag: Flag, user: Callable[[ClientEvent], None] | None
+) -> Callable[[ClientEvent], None]:
     """A client's event handler: keeps ``flag`` set while ``joined()``, then calls ``user``.
 
     ``joined`` is the pump's view (updated before the handler runs); a shell's
     ``wait_connected()`` waits on ``flag``.
     """
 
-    def handler(event: object) -> None:
+    def handler(event: ClientEvent) -> None:
         if joined():
             flag.set()
         else:

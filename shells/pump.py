@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 from candy_core import (
     AddressChanged,
@@ -33,7 +34,10 @@ log = logging.getLogger("candy")
 PACKET_QUEUE = 4096
 
 
-def _call_handler(handler: Callable[[object], None] | None, event: object) -> None:
+_Event = TypeVar("_Event", ClientEvent, ServerEvent)
+
+
+def _call_handler(handler: Callable[[_Event], None] | None, event: _Event) -> None:
     if handler is None:
         return
     try:
@@ -69,7 +73,7 @@ class ServerPump:
         core: RelayServer,
         write: Callable[[Hashable, bytes], None],
         close: Callable[[Hashable], None],
-        on_event: Callable[[object], None] | None = None,
+        on_event: Callable[[ServerEvent], None] | None = None,
     ) -> None:
         self.core = core
         self.write_connection = write
@@ -101,7 +105,7 @@ class ClientPump:
         tun: bool,
         state_dir: str | None,
         stun: tuple[str | None, int | None] = (None, None),
-        on_event: Callable[[object], None] | None = None,
+        on_event: Callable[[ClientEvent], None] | None = None,
         getaddrinfo: Resolver | None = None,
     ) -> None:
         # Resolves names (with ``getaddrinfo``: the runtime's resolver, default the stdlib's),

@@ -10,7 +10,7 @@ import ssl
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Interface
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from candy_core import Client as ClientCore
 from candy_core import ClientConfig, ClientEvent, PeerStatus
@@ -36,17 +36,20 @@ class _ServerLink(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # create_connection() makes a stream transport; the Protocol API names only the base.
+        self.transport = cast(asyncio.Transport, transport)
+        assert self.client.core is not None  # links are made by _connect(), after start()
         self.client._link = self
         self.client.core.connection_made(self.client._loop.time())
         self.client._flush()
 
     def data_received(self, data: bytes) -> None:
         client = self.client
+        assert client.core is not None and client._pump is not None
         try:
             client.core.receive_data(data, client._loop.time(), time.time())
         except Exception:  # the stream is unusable now: drop this connection, reconnect
-            client._pump.guard.failed("bytes from the server")  # type: ignore[union-attr]
+            client._pump.guard.failed("bytes from the server")
             client._link = None
             client.core.connection_lost(client._loop.time(), "internal error")
             if self.transport is not None:
@@ -55,6 +58,7 @@ class _ServerLink(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         client = self.client
+        assert client.core is not None
         if client._link is self:
             client._link = None
             reason = f"connection lost: {exc}" if exc else "connection closed by the server"
@@ -96,7 +100,7 @@ class Client:
         self.config = config
         self._ssl = ssl_context
         self._joined = asyncio.Event()
-        self._pump_args = {
+        self._pump_args: dict[str, Any] = {
             "tun": tun,
             "state_dir": state_dir,
             "stun": (stun_host, stun_port),
@@ -106,9 +110,10 @@ class Client:
         }
         self._udp_port = udp_port
         self._pump: ClientPump | None = None
-        self.core: ClientCore = None  # type: ignore[assignment]  # made in start()
+        #: The sans-IO core, made in :meth:`start` (``None`` before).
+        self.core: ClientCore | None = None
         self.tun: TunDevice | None = None
-        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._loop: asyncio.AbstractEventLoop  # the running loop, bound in start()
         self._link: _ServerLink | None = None
         self._udp: UdpSocket | None = None
         self._timer: DeadlineTimer | None = None
@@ -156,6 +161,7 @@ class Client:
             self._stopped = True
             return
         self._stopped = True
+        assert self.core is not None  # made together with the pump
         self.core.close()
         self._flush()
         if self._timer is not None:
@@ -187,6 +193,8 @@ class Client:
     # --- embedding API ------------------------------------------------------------------
     def send_packet(self, packet: bytes) -> None:
         """Send one IPv4 packet into the network (as if read from TUN)."""
+        if self.core is None:
+            raise RuntimeError("call start() first")
         self.core.receive_packet(packet, self._loop.time())
         self._flush()
 
@@ -218,12 +226,13 @@ class Client:
         if tun is None:
             return
         core = self.core
+        assert core is not None and self._pump is not None  # readers are added in start()
         now = self._loop.time()
         for packet in tun.read_batch(64):
             try:
                 core.receive_packet(packet, now)
             except Exception:
-                self._pump.guard.failed("a packet from TUN")  # type: ignore[union-attr]
+                self._pump.guard.failed("a packet from TUN")
         self._flush()
 
     def _on_udp(self) -> None:
@@ -231,12 +240,13 @@ class Client:
         if udp is None:
             return
         core = self.core
+        assert core is not None and self._pump is not None  # readers are added in start()
         now = self._loop.time()
         for data, addr in udp.recv_batch(64):
             try:
                 core.receive_datagram(data, addr, now)
             except Exception:
-                self._pump.guard.failed(f"a datagram from {addr[0]}:{addr[1]}")  # type: ignore[union-attr]
+                self._pump.guard.failed(f"a datagram from {addr[0]}:{addr[1]}")
         self._flush()
 
     def _pause_tun(self) -> None:
@@ -268,18 +278,21 @@ class Client:
         task.add_done_callback(self._tasks.discard)
 
     def _flush(self) -> None:
-        deadline = self._pump.flush()  # type: ignore[union-attr]
+        assert self._pump is not None  # every caller runs after start()
+        deadline = self._pump.flush()
         if self._stopped:
             return
         if self._timer is not None:
             self._timer.arm(deadline)
 
     def _on_timer(self, now: float) -> None:
+        assert self.core is not None  # the timer is made in start()
         self.core.handle_timer(now)
         self._flush()
 
     async def _connect(self) -> None:
         cfg = self.config
+        assert self.core is not None  # connections are opened by the core, after start()
         try:
             await asyncio.wait_for(
                 self._loop.create_connection(

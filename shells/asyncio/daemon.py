@@ -7,9 +7,14 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from shells.common import server_kwargs
 from shells.settings import DaemonSettings
+
+if TYPE_CHECKING:
+    from shells.asyncio.client import Client
+    from shells.asyncio.server import Server
 
 log = logging.getLogger("candy.asyncio")
 
@@ -43,6 +48,7 @@ async def _until_signalled(
 
 def run(settings: DaemonSettings) -> int:
     """Run the daemon described by ``settings``; returns the exit status."""
+    node: Server | Client
     if settings.mode == "server":
         from shells.asyncio.server import Server
 

@@ -8,6 +8,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Hashable
+from typing import cast
 
 from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.asyncio.timer import DeadlineTimer
@@ -30,10 +31,12 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # create_server() makes stream transports; the Protocol API names only the base class.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         label = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.relay._transports[self.cid] = transport  # type: ignore[assignment]
+        self.relay._transports[self.cid] = transport
         self.relay.core.connection_made(self.cid, self.relay._loop.time(), label)
         self.relay._flush()
 
@@ -91,7 +94,7 @@ class Server:
         self._ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._timer: DeadlineTimer | None = None
-        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._loop: asyncio.AbstractEventLoop  # the running loop, bound in start()
         self._stopped = False
 
     async def start(self) -> None:

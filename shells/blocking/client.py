@@ -8,7 +8,7 @@ from ipaddress import IPv4Interface
 from typing import Any
 
 from candy_core import Client as ClientCore
-from candy_core import ClientConfig, PeerStatus
+from candy_core import ClientConfig, ClientEvent, PeerStatus
 from shells.blocking.loop import POLL, Kit, Loop, recv_loop
 from shells.blocking.writer import HIGH_WATER, SEND_TIMEOUT, Writer
 from shells.common import CONNECT_TIMEOUT, track_joined
@@ -36,7 +36,7 @@ class BlockingClient:
         udp_port: int = 0,
         stun_host: str | None = None,
         stun_port: int | None = None,
-        on_event: Callable[[object], None] | None = None,
+        on_event: Callable[[ClientEvent], None] | None = None,
     ) -> None:
         #: The configuration; after :meth:`start`, with the STUN server and LAN address resolved.
         self.config = config
@@ -52,7 +52,8 @@ class BlockingClient:
             ),
         }
         self._pump: ClientPump | None = None
-        self.core: ClientCore = None  # type: ignore[assignment]  # made in start()
+        #: The sans-IO core, made in :meth:`start` (``None`` before).
+        self.core: ClientCore | None = None
         self._loop = Loop(self.kit)
         self._writer: Writer | None = None
         self._udp: UdpSocket | None = None
@@ -95,6 +96,7 @@ class BlockingClient:
         if self._pump is None:  # never started, or start() failed before the core existed
             loop.stopping = True
             return
+        assert self.core is not None  # made together with the pump
         with loop.lock:
             self.core.close()
             loop.flushed()
@@ -152,6 +154,8 @@ class BlockingClient:
     def _connect(self) -> None:
         cfg = self.config
         loop = self._loop
+        # Connections are opened by the core, so after start() made it and the pump.
+        assert self.core is not None and self._pump is not None
         sock_mod = self.kit.socket
         try:
             sock = sock_mod.create_connection((cfg.host, cfg.port), timeout=CONNECT_TIMEOUT)
@@ -177,7 +181,7 @@ class BlockingClient:
             with loop.lock:
                 writer.start()
         core = self.core
-        guard = self._pump.guard  # type: ignore[union-attr]
+        guard = self._pump.guard
         reason = recv_loop(
             loop,
             sock,
@@ -204,7 +208,7 @@ class BlockingClient:
         loop = self._loop
         udp = self._udp
         pump = self._pump
-        assert udp is not None and pump is not None
+        assert udp is not None and pump is not None and self.core is not None
         fd = udp.fileno()
         while not loop.stopping:
             if not self.kit.wait_readable(fd, POLL):
@@ -223,7 +227,7 @@ class BlockingClient:
 
     def _tun_reader(self) -> None:
         loop = self._loop
-        assert self._pump is not None
+        assert self._pump is not None and self.core is not None
         tun = self._pump.tun
         assert tun is not None
         fd = tun.fileno()

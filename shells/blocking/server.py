@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from candy_core import RelayServer, ServerConfig
+from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.writer import SEND_TIMEOUT, Writer
 from shells.common import system_rng
@@ -29,7 +29,7 @@ class BlockingServer:
         host: str = "0.0.0.0",
         port: int = 80,
         ssl_context: Any = None,
-        on_event: Callable[[object], None] | None = None,
+        on_event: Callable[[ServerEvent], None] | None = None,
     ) -> None:
         self.config = config
         self.host = host

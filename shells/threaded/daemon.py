@@ -33,7 +33,9 @@ def run(settings: DaemonSettings) -> int:
     """Run the daemon on OS threads until SIGINT/SIGTERM; returns the exit status."""
     node: Server | Client
     if settings.mode == "server":
+        assert settings.server is not None  # parse_args sets exactly the mode's config
         node = Server(settings.server, **server_kwargs(settings, ssl))
     else:
+        assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, ssl))
     return run_until_signalled(node, _wait_for_signal)

@@ -47,9 +47,12 @@ def system_rng() -> random.Random:
     return random.SystemRandom()
 
 
+# The contexts are made of ``ssl_module.SSLContext`` rather than by its create_default_context:
+# gevent.ssl's is the stdlib function itself, which returns a stdlib context whose sockets
+# block the whole hub (no monkey-patching here). Settings as create_default_context's.
 def server_ssl_context(cert: str, key: str, ssl_module: ModuleType = ssl) -> ssl.SSLContext:
     """TLS context for a ``wss://`` listener (``ssl_module``: ``gevent.ssl`` for gevent)."""
-    ctx = ssl_module.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx = ssl_module.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     return ctx
 
@@ -58,7 +61,11 @@ def client_ssl_context(
     verify: bool = True, ca_file: str | None = None, ssl_module: ModuleType = ssl
 ) -> ssl.SSLContext:
     """TLS context for a ``wss://`` client: verifies certificate and host name by default."""
-    ctx = ssl_module.create_default_context(cafile=ca_file)
+    ctx = ssl_module.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    else:
+        ctx.load_default_certs()
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

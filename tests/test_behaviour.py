@@ -48,6 +48,11 @@ PASSWORD = "behaviour"
 NETWORK = IPv4Network("10.99.0.0/24")
 DIRECTED = IPv4Address("10.99.0.255")
 MDNS = IPv4Address("224.0.0.251")
+#: A dynamic range for tests that add members by hand: its hosts never include HAND_MADE,
+#: so no dynamic client can be handed (or take over) one of their addresses.
+LOWER_HALF = IPv4Network("10.99.0.0/25")
+HAND_MADE = (IPv4Address("10.99.0.250"), IPv4Address("10.99.0.251"))
+assert not any(ip in LOWER_HALF for ip in HAND_MADE)
 
 
 @pytest.fixture(params=sorted(ADAPTERS))
@@ -61,8 +66,8 @@ def adapter_name(request: pytest.FixtureRequest) -> str:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def server_config(**kw: Any) -> ServerConfig:
-    return ServerConfig.from_strings(PASSWORD, str(NETWORK), **kw)
+def server_config(dhcp: IPv4Network = NETWORK, **kw: Any) -> ServerConfig:
+    return ServerConfig.from_strings(PASSWORD, str(dhcp), **kw)
 
 
 def client_config(server: ServerHandle | int, **kw: Any) -> ClientConfig:
@@ -119,9 +124,23 @@ def ws_connect(port: int, **kw: Any) -> ws_sync.ClientConnection:
     return ws_sync.connect(f"ws://{HOST}:{port}/", proxy=None, open_timeout=5, **kw)
 
 
+_last_stamp = 0
+
+
+def handshake_stamp() -> int:
+    """A timestamp for a hand-made handshake: now, but never one handed out before.
+
+    The relay refuses byte-identical handshakes as replays, so two hand-made ones for the
+    same address within one second must not share their timestamp.
+    """
+    global _last_stamp
+    _last_stamp = max(int(time.time()), _last_stamp + 1)
+    return _last_stamp
+
+
 def ws_join(ws: ws_sync.ClientConnection, ip: IPv4Address) -> None:
     """Authenticate by hand as ``ip``; the PONG proves the server has processed AUTH."""
-    ts = int(time.time())
+    ts = handshake_stamp()
     ws.send(msg_vmac(PASSWORD, random_vmac(), ts))
     ws.send(msg_auth(PASSWORD, ip, ts))
     assert ws.ping(b"joined").wait(5), "no PONG after AUTH"
@@ -204,7 +223,7 @@ def test_wrong_password_is_refused_and_retried_while_others_work(
 
 
 def test_a_slow_reader_does_not_stop_the_relay(adapter: RuntimeAdapter) -> None:
-    server = adapter.start_server(server_config())
+    server = adapter.start_server(server_config(dhcp=LOWER_HALF))
     a = adapter.start_client(client_config(server))
     b = adapter.start_client(client_config(server))
     join(server, a, b)
@@ -214,11 +233,11 @@ def test_a_slow_reader_does_not_stop_the_relay(adapter: RuntimeAdapter) -> None:
     sock = socket.create_connection((HOST, server.port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     with ws_connect(server.port, sock=sock, max_queue=4) as slow:
-        slow_ip = IPv4Address("10.99.0.250")
+        slow_ip = HAND_MADE[0]
         ws_join(slow, slow_ip)
         assert slow_ip in server.authenticated()
 
-        flood = udp_packet(ip_of(a), DIRECTED, 9, 9, b"x" * 1200)
+        flood = udp_packet(ip_of(a), LOWER_HALF.broadcast_address, 9, 9, b"x" * 1200)
         deadline = time.monotonic() + 20.0
         sent = 0
         while server.stats().backlog_dropped == 0 and time.monotonic() < deadline:
@@ -237,7 +256,7 @@ def test_a_slow_reader_does_not_stop_the_relay(adapter: RuntimeAdapter) -> None:
 
 
 def test_idle_connections_time_out_but_pinging_clients_stay(adapter: RuntimeAdapter) -> None:
-    server = adapter.start_server(server_config(idle_timeout=1.5))
+    server = adapter.start_server(server_config(dhcp=LOWER_HALF, idle_timeout=1.5))
     keepalive = {"ping_interval": 0.3, "dead_after": 1.0}
     a = adapter.start_client(client_config(server, **keepalive))
     b = adapter.start_client(client_config(server, **keepalive))
@@ -249,7 +268,7 @@ def test_idle_connections_time_out_but_pinging_clients_stay(adapter: RuntimeAdap
             b"GET / HTTP/1.1\r\nHost: h:1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
-        auth = msg_auth(PASSWORD, IPv4Address("10.99.0.251"), int(time.time()))
+        auth = msg_auth(PASSWORD, HAND_MADE[1], handshake_stamp())
         silent.sendall(bytes((0x82, 0x80 | len(auth))) + b"\0\0\0\0" + auth)  # zero mask
         start = time.monotonic()
         received = b""
@@ -265,7 +284,7 @@ def test_idle_connections_time_out_but_pinging_clients_stay(adapter: RuntimeAdap
         assert not of_type(client.events, Disconnected), client.events
     assert server.authenticated() == {ip_of(a), ip_of(b)}
     gone = [e.ip for e in of_type(server.events, ClientDisconnected)]
-    assert gone == [IPv4Address("10.99.0.251")], server.events
+    assert gone == [HAND_MADE[1]], server.events
     exchange(a, b, "after idling")
 
 

@@ -9,7 +9,6 @@ the relay.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,7 +88,13 @@ def test_clients_behind_nats_go_direct_and_fall_back_to_the_relay(
 
         # iperf3 over the direct path (figure reported, not asserted beyond > 0).
         iperf_server = lab.spawn(net.b, ["iperf3", "-s", "-1"])
-        time.sleep(0.5)
+
+        def iperf_listening() -> bool:
+            out = lab.run(net.b, "ss", "-Hltn", "sport", "=", ":5201", check=False).stdout
+            return bool(out.strip()) or iperf_server.poll() is not None
+
+        assert wait_until(iperf_listening, 5), lab.log(iperf_server)
+        assert iperf_server.poll() is None, lab.log(iperf_server)
         result = lab.run(net.a, "iperf3", "-c", vpn_b, "-t", "3", "-f", "m", timeout=30)
         summary = [line for line in result.stdout.splitlines() if "sender" in line]
         print(f"\n[{runtime}] iperf3 over the direct P2P path: {summary}")

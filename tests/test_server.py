@@ -752,6 +752,31 @@ def test_discovery_and_general_unicast_and_broadcast(relay: Relay, kind: str) ->
     assert not a.closed and not stranger.closed
 
 
+@pytest.mark.parametrize("kind", ["forward", "peer", "general", "discovery"])
+def test_unicast_to_the_senders_own_address_is_not_sent_back(relay: Relay, kind: str) -> None:
+    """A member never gets its own unicast frames back from the relay (nor does anyone else)."""
+    a, b, c = trio(relay)
+    own, other = ip("10.99.0.1"), ip("10.99.0.2")
+
+    def make(dst: IPv4Address) -> bytes:
+        if kind == "forward":
+            return forward(str(own), str(dst), b"to myself")
+        if kind == "peer":
+            return m.Peer(own, dst, ip("203.0.113.5"), 40123).encode()
+        if kind == "discovery":
+            return m.Discovery(own, dst).encode()
+        return m.General.lan_endpoint(own, dst, ip("192.168.1.10"), 40000).encode()
+
+    a.send(make(own))
+    assert a.take() == [], "the relay sent a member's frame back to it"
+    assert b.take() == [] and c.take() == []
+    assert relay.server.stats.frames_relayed == 0
+    # The same frame for another member is relayed, and the sender stays connected.
+    a.send(make(other))
+    assert b.take() == [make(other)] and a.take() == [] and c.take() == []
+    assert not a.closed
+
+
 def test_general_lan_endpoint_is_passed_through_untouched(relay: Relay) -> None:
     a, b, _ = trio(relay)
     data = m.General.lan_endpoint(ip("10.99.0.1"), ip("10.99.0.2"), ip("0.0.0.0"), 0).encode()

@@ -71,11 +71,13 @@ async def synced(ws: ClientConnection) -> None:
     await asyncio.wait_for(pong, 5)
 
 
-async def join_static(ws: ClientConnection, ip: IPv4Address, password: str = PASSWORD) -> None:
+async def join_static(ws: ClientConnection, ip: IPv4Address, password: str = PASSWORD) -> int:
+    """VMAC and AUTH as ``ip``; returns the handshake timestamp used."""
     ts = int(time.time())
     await ws.send(msg_vmac(password, random_vmac(), ts))
     await ws.send(msg_auth(password, ip, ts, padding=b"\x5a" * 7))
     await synced(ws)
+    return ts
 
 
 async def join_dynamic(
@@ -215,13 +217,17 @@ def test_a_newer_connection_takes_over_the_address() -> None:
             member(server.port) as new,
         ):
             await join_static(a, A)
-            await join_static(old, B)
-            ts = int(time.time()) - 1  # not byte-identical to the first AUTH (a replay)
+            old_ts = await join_static(old, B)
+            ts = old_ts - 1  # another AUTH for B, not a replay of the first one
             await new.send(msg_vmac(PASSWORD, random_vmac(), ts))
             await new.send(msg_auth(PASSWORD, B, ts))
             await synced(new)
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(old.recv(), 5)
+            assert (old.close_code, old.close_reason) == (
+                1001,
+                "address taken over by a newer connection",
+            )
             frame = msg_forward(icmp_packet(A, B, b"to the newer one"))
             await a.send(frame)
             await expect(new, frame)

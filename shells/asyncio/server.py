@@ -13,7 +13,7 @@ from candy_core.config import ServerConfig
 from candy_core.events import ServerEvent
 from candy_core.server import RelayServer
 from shells.asyncio.timer import DeadlineTimer
-from shells.common import system_rng
+from shells.common import LISTEN_BACKLOG, system_rng
 from shells.pump import ServerPump
 
 log = logging.getLogger("candy.asyncio")
@@ -106,6 +106,7 @@ class Server:
             self.port,
             ssl=self._ssl,
             reuse_address=True,
+            backlog=LISTEN_BACKLOG,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"

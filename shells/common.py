@@ -36,6 +36,11 @@ monotonic = time.monotonic
 wall = time.time
 #: Longest a client waits for the server's TCP (and TLS) connection, on every runtime.
 CONNECT_TIMEOUT = 10.0
+#: Connections the kernel may hold for a relay until it accepts them (the system caps it at
+#: net.core.somaxconn). When this accept queue is full the kernel drops new SYNs, an honest
+#: client's too, and that client retries only after 1 s, then 3 s: asyncio's default of 100
+#: fills in 50 ms of a 2000/s connection flood whenever the relay is busy or descheduled.
+LISTEN_BACKLOG = 4096
 
 #: ``getaddrinfo(host, port, family, type)``: the stdlib's, or a runtime's own (gevent's
 #: cooperative one), so that resolving a name never blocks the runtime.

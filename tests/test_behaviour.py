@@ -40,6 +40,7 @@ from candy_core import (
     ClientDisconnected,
     Connected,
     Disconnected,
+    Limits,
     Reconnecting,
     ServerConfig,
 )
@@ -220,6 +221,34 @@ def test_wrong_password_is_refused_and_retried_while_others_work(
     assert any("password" in e.reason for e in refused), server.events
     assert server.authenticated() == {ip_of(a), ip_of(b)}
     exchange(a, b, "after retries")
+
+
+def test_a_connection_over_the_limits_is_closed_at_once_and_others_still_join(
+    adapter: RuntimeAdapter,
+) -> None:
+    # One connection may wait to authenticate; the next is refused when it is accepted,
+    # before anything of it is read (the blocking shells refuse it in the accept loop).
+    server = adapter.start_server(server_config(limits=Limits(max_pending=1)))
+    silent = socket.create_connection((HOST, server.port), timeout=5)
+    try:
+        assert wait_until(lambda: server.stats().connections == 1, 5.0)
+        with socket.create_connection((HOST, server.port), timeout=5) as refused:
+            refused.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            try:
+                got = refused.recv(100)
+            except ConnectionResetError:
+                got = b""
+            assert got == b"", got
+        assert server.stats().refused == 1
+    finally:
+        silent.close()
+    assert wait_until(lambda: server.stats().connections == 2, 5.0)
+    a = adapter.start_client(client_config(server))
+    join(server, a)
+    b = adapter.start_client(client_config(server))  # one at a time: one may be pending
+    join(server, a, b)
+    exchange(a, b)
+    assert server.stats().refused == 1
 
 
 def test_a_slow_reader_does_not_stop_the_relay(adapter: RuntimeAdapter) -> None:

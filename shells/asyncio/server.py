@@ -12,7 +12,7 @@ from typing import cast
 
 from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.asyncio.timer import DeadlineTimer
-from shells.common import system_rng
+from shells.common import LISTEN_BACKLOG, system_rng
 from shells.pump import ServerPump
 
 log = logging.getLogger("candy.asyncio")
@@ -107,6 +107,7 @@ class Server:
             self.port,
             ssl=self._ssl,
             reuse_address=True,
+            backlog=LISTEN_BACKLOG,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"

@@ -11,7 +11,7 @@ from typing import Any
 from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.writer import SEND_TIMEOUT, Writer
-from shells.common import system_rng
+from shells.common import LISTEN_BACKLOG, system_rng
 from shells.pump import ServerPump
 
 
@@ -37,6 +37,8 @@ class BlockingServer:
         self.core = RelayServer(config, system_rng())
         self._ssl = ssl_context
         self._writers: dict[Hashable, Writer] = {}
+        #: Connections the core was told about whose worker has not taken them over yet.
+        self._accepted: dict[Hashable, Any] = {}
         self._ids = itertools.count(1)
         self._pump = ServerPump(self.core, self._write, self._close, on_event)
         self._loop = Loop(self.kit, self.core.handle_timer, self._pump.flush)
@@ -48,7 +50,7 @@ class BlockingServer:
         listener = sock_mod.socket(sock_mod.AF_INET, sock_mod.SOCK_STREAM)
         listener.setsockopt(sock_mod.SOL_SOCKET, sock_mod.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
-        listener.listen(512)
+        listener.listen(LISTEN_BACKLOG)
         listener.settimeout(POLL)
         self._listener = listener
         self.port = listener.getsockname()[1]
@@ -78,40 +80,67 @@ class BlockingServer:
         self.stop()
 
     def _accept(self) -> None:
-        timeout_error = self.kit.socket.timeout
-        while not self._loop.stopping:
+        """Accept connections; the core admits or refuses each one before any worker starts.
+
+        A connection the per-source limits refuse (a flood) costs an accept and a close, not
+        a worker, a writer and a TLS handshake, so the accept queue keeps draining faster
+        than a flood fills it. The loop yields after every connection: a gevent accept never
+        switches while connections are waiting, which would starve every other greenlet.
+        """
+        kit = self.kit
+        timeout_error = kit.socket.timeout
+        loop = self._loop
+        while not loop.stopping:
             try:
                 sock, peer = self._listener.accept()
             except timeout_error:
                 continue
             except OSError:
-                if self._loop.stopping:
+                if loop.stopping:
                     return
-                self.kit.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                kit.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
-            self._loop.spawn(self._serve, sock, f"{peer[0]}:{peer[1]}")
+            cid = next(self._ids)
+            label = f"{peer[0]}:{peer[1]}"
+            with loop.lock:
+                self._accepted[cid] = sock
+                try:
+                    self.core.connection_made(cid, time.monotonic(), label)
+                    loop.flushed()
+                except Exception:  # a bug must cost this connection, never the accept loop
+                    self._pump.guard.failed(f"a new connection from {label}; closing it")
+                    self._accepted.pop(cid, None)
+                admitted = cid in self._accepted  # a refusal closed it during the flush
+            if admitted:
+                loop.spawn(self._serve, sock, cid, label)
+            else:
+                sock.close()
+            kit.sleep(0)
 
-    def _serve(self, sock: Any, peer: str) -> None:
+    def _serve(self, sock: Any, cid: int, peer: str) -> None:
+        loop = self._loop
         sock.setsockopt(self.kit.socket.IPPROTO_TCP, self.kit.socket.TCP_NODELAY, 1)
         sock.settimeout(SEND_TIMEOUT)
         if self._ssl is not None:
             try:
                 sock = self._ssl.wrap_socket(sock, server_side=True)
             except (OSError, ValueError) as exc:
-                log.info("%s: TLS handshake failed: %s", peer, exc)
+                with loop.lock:
+                    if self._accepted.pop(cid, None) is not None:
+                        log.info("%s: TLS handshake failed: %s", peer, exc)
+                        self.core.connection_lost(cid, f"TLS handshake failed: {exc}")
+                        loop.flushed()
                 sock.close()
                 return
-        cid = next(self._ids)
-        loop = self._loop
         writer = Writer(
             loop, sock, lambda: self.core.pause_writing(cid), lambda: self.core.resume_writing(cid)
         )
         with loop.lock:
+            if self._accepted.pop(cid, None) is None:  # the core closed it meanwhile
+                sock.close()
+                return
             self._writers[cid] = writer
-            self.core.connection_made(cid, time.monotonic(), peer)
-            loop.flushed()
-        if not writer.direct:
-            with loop.lock:
+            if not writer.direct:
                 writer.start()
 
         def on_data(data: bytes) -> None:
@@ -138,3 +167,5 @@ class BlockingServer:
         writer = self._writers.pop(cid, None)
         if writer is not None:
             writer.close()
+        else:  # accepted, no worker yet: _accept or _serve closes the socket
+            self._accepted.pop(cid, None)

@@ -111,6 +111,7 @@ class RelayServer:
         self._next_sweep: float | None = None
         self._limiter = SourceLimiter(config.limits)
         self._refused_since_log = 0
+        self._refused_reason = ""
         self._refused_log_at = float("-inf")
         self.stats = ServerStats()
 
@@ -209,6 +210,8 @@ class RelayServer:
                 # relayed traffic stays silent, so ask it for a PONG (5.6 clients answer).
                 conn.last_ping = now
                 self._send_raw(conn, encode_frame(OP_PING, b"candy"))
+        if self._refused_since_log and now - self._refused_log_at >= 1.0:
+            self._log_refusals(now)
         self._next_sweep = now + SWEEP_INTERVAL if self._conns else None
 
     @property
@@ -480,12 +483,18 @@ class RelayServer:
         self.stats.refused += 1
         self._closing.append(cid)
         self._refused_since_log += 1
+        self._refused_reason = reason
         if now - self._refused_log_at >= 1.0:  # one line a second at most, however hard the flood
-            log.warning(
-                "refused %d connection(s) in the last second: %s", self._refused_since_log, reason
-            )
-            self._refused_since_log = 0
-            self._refused_log_at = now
+            self._log_refusals(now)
+
+    def _log_refusals(self, now: float) -> None:
+        log.warning(
+            "refused %d connection(s) in the last second: %s",
+            self._refused_since_log,
+            self._refused_reason,
+        )
+        self._refused_since_log = 0
+        self._refused_log_at = now
 
     def _settle(self, conn: _Connection, now: float) -> None:
         if conn.pending:

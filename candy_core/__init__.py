@@ -36,6 +36,7 @@ from candy_core.events import (
     Connected,
     Disconnected,
     PeerStateChanged,
+    PingReply,
     Reconnecting,
     ServerEvent,
 )
@@ -44,6 +45,7 @@ from candy_core.peers import PeerStatus
 from candy_core.peerstate import PeerEvent, State
 from candy_core.server import RelayServer, ServerStats
 from candy_core.sim import Nat, SimClient, Simulation
+from candy_core.status import ClientInfo, ClientStatus, PeerInfo, ServerStatus
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -55,9 +57,11 @@ __all__ = [
     "ClientConfig",
     "ClientDisconnected",
     "ClientEvent",
+    "ClientInfo",
     "ClientSink",
     "ClientState",
     "ClientStats",
+    "ClientStatus",
     "ConfigError",
     "Connected",
     "Disconnected",
@@ -66,8 +70,10 @@ __all__ = [
     "Limits",
     "Nat",
     "PeerEvent",
+    "PeerInfo",
     "PeerStateChanged",
     "PeerStatus",
+    "PingReply",
     "ProtocolError",
     "Reconnecting",
     "RelayServer",
@@ -75,6 +81,7 @@ __all__ = [
     "ServerEvent",
     "ServerSink",
     "ServerStats",
+    "ServerStatus",
     "SimClient",
     "Simulation",
     "State",

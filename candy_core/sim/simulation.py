@@ -8,6 +8,7 @@ Between them sits what a shell would do: drain each core after every input
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Hashable
@@ -458,7 +459,7 @@ class _ClientSink:
                 echo = parse_echo(packet)
                 if echo is not None and echo.kind == ECHO_REQUEST:
                     reply = icmp_echo(echo.dst, echo.src, echo.ident, echo.seq, b"", ECHO_REPLY)
-                    self.sim._clock.at(self.sim.now, lambda r=reply: client.send_packet(r))
+                    self.sim._clock.at(self.sim.now, functools.partial(client.send_packet, reply))
 
     def send_datagrams(self, datagrams: list[tuple[bytes, Addr]]) -> None:
         send = self.sim._network.send_datagram

@@ -16,6 +16,7 @@ from candy_core import Client as ClientCore
 from candy_core import ClientConfig, ClientEvent, PeerStatus
 from shells.asyncio.timer import DeadlineTimer
 from shells.common import CONNECT_TIMEOUT, client_kwargs, track_joined
+from shells.operate import client_document, server_url
 from shells.pump import ClientPump
 from shells.tun import TunDevice
 from shells.udp import UdpSocket
@@ -121,6 +122,15 @@ class Client:
         self._packet_ready = asyncio.Event()
         self._tun_paused = False
         self._stopped = False
+
+    def status(self) -> dict[str, Any]:
+        """The ``candy status`` document (call it on the loop, after :meth:`start`)."""
+        if self.core is None:
+            raise RuntimeError("call start() first")
+        cfg = self.config
+        url = server_url(self._ssl is not None, cfg.host, cfg.port, cfg.path)
+        snapshot = self.core.status(self._loop.time(), time.time(), url)
+        return client_document(snapshot, "asyncio")
 
     @classmethod
     def from_settings(cls, settings: DaemonSettings) -> Client:

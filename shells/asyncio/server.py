@@ -8,11 +8,12 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Hashable
-from typing import cast
+from typing import Any, cast
 
 from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.asyncio.timer import DeadlineTimer
 from shells.common import LISTEN_BACKLOG, system_rng
+from shells.operate import server_document, server_url
 from shells.pump import ServerPump
 
 log = logging.getLogger("candy.asyncio")
@@ -96,6 +97,7 @@ class Server:
         self._timer: DeadlineTimer | None = None
         self._loop: asyncio.AbstractEventLoop  # the running loop, bound in start()
         self._stopped = False
+        self._started = time.time()
 
     async def start(self) -> None:
         """Start listening; :attr:`port` is the real port afterwards (useful with port 0)."""
@@ -112,6 +114,12 @@ class Server:
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         log.info("relay listening on %s://%s:%d", scheme, self.host, self.port)
+
+    def status(self) -> dict[str, Any]:
+        """The ``candy status --server`` document (call it on the loop)."""
+        listen = server_url(self._ssl is not None, self.host, self.port)
+        snapshot = self.core.status(self._loop.time(), time.time())
+        return server_document(snapshot, "asyncio", listen, self._started)
 
     async def serve_forever(self) -> None:
         """Serve until cancelled."""

@@ -12,6 +12,7 @@ from candy_core import ClientConfig, ClientEvent, PeerStatus
 from shells.blocking.loop import POLL, Kit, Loop, recv_loop
 from shells.blocking.writer import HIGH_WATER, SEND_TIMEOUT, Writer
 from shells.common import CONNECT_TIMEOUT, track_joined
+from shells.operate import client_document, server_url
 from shells.pump import ClientPump
 from shells.udp import UdpSocket
 
@@ -58,6 +59,17 @@ class BlockingClient:
         self._writer: Writer | None = None
         self._udp: UdpSocket | None = None
         self._packet_ready = self.kit.event()
+
+    def status(self) -> dict[str, Any]:
+        """The ``candy status`` document (after :meth:`start`)."""
+        core = self.core
+        if core is None:
+            raise RuntimeError("call start() first")
+        cfg = self.config
+        url = server_url(self._ssl is not None, cfg.host, cfg.port, cfg.path)
+        with self._loop.lock:
+            snapshot = core.status(time.monotonic(), time.time(), url)
+        return client_document(snapshot, self.kit.name)
 
     @property
     def address(self) -> IPv4Interface | None:

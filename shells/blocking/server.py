@@ -12,6 +12,7 @@ from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.writer import SEND_TIMEOUT, Writer
 from shells.common import LISTEN_BACKLOG, system_rng
+from shells.operate import server_document, server_url
 from shells.pump import ServerPump
 
 
@@ -43,6 +44,14 @@ class BlockingServer:
         self._pump = ServerPump(self.core, self._write, self._close, on_event)
         self._loop = Loop(self.kit, self.core.handle_timer, self._pump.flush)
         self._listener: Any = None
+        self._started = time.time()
+
+    def status(self) -> dict[str, Any]:
+        """The ``candy status --server`` document."""
+        listen = server_url(self._ssl is not None, self.host, self.port)
+        with self._loop.lock:
+            snapshot = self.core.status(time.monotonic(), time.time())
+        return server_document(snapshot, self.kit.name, listen, self._started)
 
     def start(self) -> None:
         """Listen and serve in the background; :attr:`port` is the real port afterwards."""

@@ -73,6 +73,8 @@ _FLAGS = {
     "state_dir": "--state-dir",
     "confusion": "--no-confusion",
     "debug": "--debug",
+    "control": "--control",
+    "metrics": "--metrics",
 }
 #: Keys of the reference's config file that this implementation does not support.
 _UNSUPPORTED_KEYS = ("restart", "sdwan", "mtu", "workers")
@@ -81,7 +83,9 @@ _CLIENT_ONLY = (
     "name", "tun", "stun", "port", "route", "discovery", "localhost", "confusion",
     "tls_verify", "tls_ca",
 )  # fmt: skip
-_PATH_KEYS = ("tls_cert", "tls_key", "tls_ca", "state_dir")
+_PATH_KEYS = ("tls_cert", "tls_key", "tls_ca", "state_dir", "control")
+#: Where each daemon's control socket is, unless ``--control`` says otherwise.
+CONTROL_DIR = Path("/run/candy")
 #: Config fields that come from a differently named key.
 _KEY_OF_FIELD = {"host": "websocket", "port": "websocket", "path": "websocket"}
 
@@ -129,6 +133,10 @@ class DaemonSettings:
     client: ClientConfig | None = None
     #: Warnings for the log (ignored or unknown keys, options that do not apply to the mode).
     notes: tuple[str, ...] = ()
+    #: The control socket (``candy status``), or None with ``--control none``.
+    control: Path | None = None
+    #: Where Prometheus metrics are served (host, port), or None (the default: off).
+    metrics: tuple[str, int] | None = None
 
     @property
     def websocket_url(self) -> str:
@@ -206,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_const", const=True, default=None, help="debug-level logging"
     )
     g.add_argument("--verbose", action="store_true", help="per-frame traces (implies --debug)")
+    g.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket for candy status (default /run/candy/...; none: off)",
+    )
+    g.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics there (off by default; keep it on loopback)",
+    )
     g.add_argument("--no-timestamp", action="store_true", help="log lines without timestamps")
     g.add_argument(
         "--auto-restart", action="store_true", help="accepted for compatibility; ignored"
@@ -378,6 +396,13 @@ def _build(
         if scheme == "ws" and (tls_ca is not None or tls_verify is not None):
             notes.append("TLS options do not apply to a ws:// server URL; ignored")
 
+    control: Path | None
+    if text("control") is not None and values["control"].value.lower() == "none":
+        control = None
+    else:
+        control = path("control") or default_control_path(mode, name)
+    metrics = _listen_address(values["metrics"]) if text("metrics") is not None else None
+
     return DaemonSettings(
         mode=mode,
         runtime=runtime,
@@ -401,7 +426,26 @@ def _build(
         server=server if mode == "server" else None,
         client=client if mode == "client" else None,
         notes=tuple(notes),
+        control=control,
+        metrics=metrics,
     )
+
+
+def default_control_path(mode: str, name: str = "") -> Path:
+    """``/run/candy/server.sock``, ``/run/candy/client-<name>.sock`` or ``client.sock``."""
+    if mode == "server":
+        return CONTROL_DIR / "server.sock"
+    return CONTROL_DIR / (f"client-{name}.sock" if name else "client.sock")
+
+
+def _listen_address(given: _Given) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv4 address or a host name, and a port) for the metrics endpoint."""
+    host, sep, port_text = str(given.value).rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise given.error("expected HOST:PORT, e.g. 127.0.0.1:9470")
+    if not _HOST_RE.fullmatch(host):
+        raise given.error(f"bad host name {host!r}")
+    return host, _port(given, int(port_text))
 
 
 def _config(values: dict[str, _Given], build: Callable[..., _T], **fields: Any) -> _T:

@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics there (off by default; keep it on loopback)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default). No "
+        "authentication: keep it on loopback (127.0.0.1) unless you know better",
     )
     g.add_argument("--no-timestamp", action="store_true", help="log lines without timestamps")
     g.add_argument(

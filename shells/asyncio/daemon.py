@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from shells.common import server_kwargs
+from shells.metrics import with_metrics_async
 from shells.settings import DaemonSettings
 
 if TYPE_CHECKING:
@@ -58,9 +59,10 @@ def run(settings: DaemonSettings) -> int:
         from shells.asyncio.client import Client
 
         node = Client.from_settings(settings)
+    served = with_metrics_async(node, settings.metrics)
     loop = _new_loop()
     try:
-        loop.run_until_complete(_until_signalled(node.start, node.stop))
+        loop.run_until_complete(_until_signalled(served.start, served.stop))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -11,6 +11,7 @@ import gevent.ssl
 from shells.blocking.daemon import run_until_signalled
 from shells.common import client_kwargs, server_kwargs
 from shells.gevent import Client, Server
+from shells.metrics import GeventMetricsServer, with_metrics
 from shells.settings import DaemonSettings
 
 
@@ -34,4 +35,5 @@ def run(settings: DaemonSettings) -> int:
     else:
         assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, gevent.ssl))
-    return run_until_signalled(node, _wait_for_signal)
+    served = with_metrics(node, settings.metrics, GeventMetricsServer)
+    return run_until_signalled(served, _wait_for_signal)

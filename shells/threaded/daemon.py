@@ -9,6 +9,7 @@ import threading
 from shells.blocking import POLL
 from shells.blocking.daemon import run_until_signalled
 from shells.common import client_kwargs, server_kwargs
+from shells.metrics import ThreadedMetricsServer, with_metrics
 from shells.settings import DaemonSettings
 from shells.threaded import Client, Server
 
@@ -38,4 +39,5 @@ def run(settings: DaemonSettings) -> int:
     else:
         assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, ssl))
-    return run_until_signalled(node, _wait_for_signal)
+    served = with_metrics(node, settings.metrics, ThreadedMetricsServer)
+    return run_until_signalled(served, _wait_for_signal)

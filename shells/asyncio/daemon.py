@@ -9,6 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from shells.asyncio.control import Controlled
 from shells.common import server_kwargs
 from shells.settings import DaemonSettings
 
@@ -58,9 +59,10 @@ def run(settings: DaemonSettings) -> int:
         from shells.asyncio.client import Client
 
         node = Client.from_settings(settings)
+    served = Controlled(node, settings.control)  # the node and its control socket
     loop = _new_loop()
     try:
-        loop.run_until_complete(_until_signalled(node.start, node.stop))
+        loop.run_until_complete(_until_signalled(served.start, served.stop))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -8,9 +8,10 @@ import gevent
 import gevent.event
 import gevent.ssl
 
+from shells.blocking.control import Controlled
 from shells.blocking.daemon import run_until_signalled
 from shells.common import client_kwargs, server_kwargs
-from shells.gevent import Client, Server
+from shells.gevent import KIT, Client, Server
 from shells.settings import DaemonSettings
 
 
@@ -34,4 +35,4 @@ def run(settings: DaemonSettings) -> int:
     else:
         assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, gevent.ssl))
-    return run_until_signalled(node, _wait_for_signal)
+    return run_until_signalled(Controlled(KIT, node, settings.control), _wait_for_signal)

@@ -7,10 +7,11 @@ import ssl
 import threading
 
 from shells.blocking import POLL
+from shells.blocking.control import Controlled
 from shells.blocking.daemon import run_until_signalled
 from shells.common import client_kwargs, server_kwargs
 from shells.settings import DaemonSettings
-from shells.threaded import Client, Server
+from shells.threaded import KIT, Client, Server
 
 
 def _wait_for_signal() -> None:
@@ -38,4 +39,4 @@ def run(settings: DaemonSettings) -> int:
     else:
         assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, ssl))
-    return run_until_signalled(node, _wait_for_signal)
+    return run_until_signalled(Controlled(KIT, node, settings.control), _wait_for_signal)

@@ -407,4 +407,4 @@ def _clock(unix: float) -> str:
 
 
 def _ms(value: float) -> str:
-    return f"{value:.1f}" if value >= 0.1 else f"{value:.2f}"
+    return f"{value:.1f}" if value >= 0.1 or value == 0 else f"{value:.2f}"

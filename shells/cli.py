@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``candy`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     if argv is None:
         argv = sys.argv[1:]
+    if argv and argv[0] in ("status", "ping"):  # candy status|ping: ask a running daemon
+        from shells import ctl
+
+        try:
+            return ctl.main(argv)
+        except KeyboardInterrupt:
+            return 130
     try:
         try:
             settings = parse_args(argv)

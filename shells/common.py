@@ -22,6 +22,7 @@ from candy_core import (
     Connected,
     Disconnected,
     PeerStateChanged,
+    PingReply,
     Reconnecting,
 )
 
@@ -96,6 +97,9 @@ def describe(event: object) -> str:
             return f"reconnecting in {delay:.1f} s (attempt {attempt})"
         case PeerStateChanged(ip, old, new, reason):
             return f"peer {ip}: {old} -> {new} ({reason})"
+        case PingReply(ip, seq, rtt_ms, path, endpoint):
+            where = f" {endpoint}" if endpoint else ""
+            return f"ping reply from {ip} (seq {seq}) via {path}{where} in {rtt_ms} ms"
     return repr(event)
 
 

@@ -18,6 +18,7 @@ from candy_core import (
     ClientEvent,
     Connected,
     Disconnected,
+    PingReply,
     RelayServer,
     ServerEvent,
     drain_client,
@@ -127,6 +128,8 @@ class ClientPump:
         )
         self.open_connection: Callable[[], None] = lambda: None
         self.packets_ready: Callable[[], None] = lambda: None
+        #: Hands each :class:`PingReply` to the shell's waiting ``ping()``.
+        self.ping_replied: Callable[[PingReply], None] = lambda reply: None
 
     def flush(self) -> float | None:
         """Carry out everything the core produced; returns its next deadline."""
@@ -149,6 +152,11 @@ class ClientPump:
 
     def handle_event(self, event: ClientEvent) -> None:
         """Log ``event``, configure TUN and save the address it names, then pass it on."""
+        if isinstance(event, PingReply):
+            log.debug("%s", describe(event))
+            self.ping_replied(event)
+            _call_handler(self.on_event, event)
+            return
         log.info("%s", describe(event))
         if isinstance(event, AddressChanged):
             if self.tun is not None:

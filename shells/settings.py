@@ -170,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
             "  candy -m server -w ws://0.0.0.0:8080/ws -p secret -d 10.0.0.0/24\n"
             "  candy -m client -w wss://vpn.example.org/ws -p secret -s stun://stun.example.org\n"
             "  candy -c /etc/candy.cfg --runtime gevent\n"
-            "command-line flags override the values of the config file"
+            "command-line flags override the values of the config file\n"
+            "\n"
+            "a running daemon:\n"
+            "  candy status [--json] [-n NAME | --server | --control PATH]\n"
+            "  candy ping [-n NAME | --control PATH] VIRTUAL-IP [-c COUNT]"
         ),
     )
     p.add_argument("-v", "--version", action="version", version=f"candy {candy_version()}")

@@ -9,11 +9,11 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any, cast
 
 from candy_core import Client as ClientCore
-from candy_core import ClientConfig, ClientEvent, PeerStatus
+from candy_core import ClientConfig, ClientEvent, PeerStatus, PingReply
 from shells.asyncio.timer import DeadlineTimer
 from shells.common import CONNECT_TIMEOUT, client_kwargs, track_joined
 from shells.operate import client_document, server_url
@@ -122,6 +122,8 @@ class Client:
         self._packet_ready = asyncio.Event()
         self._tun_paused = False
         self._stopped = False
+        #: ping() calls waiting for their reply, by (address, sequence number).
+        self._pings: dict[tuple[IPv4Address, int], asyncio.Future[PingReply]] = {}
 
     def status(self) -> dict[str, Any]:
         """The ``candy status`` document (call it on the loop, after :meth:`start`)."""
@@ -155,6 +157,7 @@ class Client:
         pump.close_server = self._close_server
         pump.open_connection = self._open_connection
         pump.packets_ready = self._packet_ready.set
+        pump.ping_replied = self._ping_replied
         if self.tun is not None:
             self._loop.add_reader(self.tun.fileno(), self._on_tun)
         if self.config.stun is not None:
@@ -225,6 +228,34 @@ class Client:
     def address(self) -> IPv4Interface | None:
         """Our virtual address, once known."""
         return self.core.address if self.core else None
+
+    async def ping(self, ip: IPv4Address | str, timeout: float = 2.0) -> PingReply | None:
+        """Send an ICMP echo request to ``ip`` over the usual path and wait for the reply.
+
+        Returns the reply (round trip, path, endpoint) or None after ``timeout`` seconds;
+        raises ConnectionError while we have no virtual address.
+        """
+        if self.core is None:
+            raise RuntimeError("call start() first")
+        dst = IPv4Address(ip)
+        seq = self.core.ping(dst, self._loop.time())
+        if seq is None:
+            raise ConnectionError("not joined the network yet (no virtual address)")
+        key = (dst, seq)
+        waiter = self._pings[key] = self._loop.create_future()
+        self._flush()
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if self._pings.get(key) is waiter:
+                del self._pings[key]
+
+    def _ping_replied(self, reply: PingReply) -> None:
+        waiter = self._pings.pop((reply.ip, reply.seq), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
 
     def peer_status(self) -> list[PeerStatus]:
         """Each peer's state, endpoint, last heartbeat and delay (empty without STUN)."""

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from shells.asyncio.control import Controlled
 from shells.common import server_kwargs
 from shells.metrics import with_metrics_async
 from shells.settings import DaemonSettings
@@ -59,7 +60,7 @@ def run(settings: DaemonSettings) -> int:
         from shells.asyncio.client import Client
 
         node = Client.from_settings(settings)
-    served = with_metrics_async(node, settings.metrics)
+    served = with_metrics_async(Controlled(node, settings.control), settings.metrics)
     loop = _new_loop()
     try:
         loop.run_until_complete(_until_signalled(served.start, served.stop))

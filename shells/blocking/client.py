@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 from candy_core import Client as ClientCore
-from candy_core import ClientConfig, ClientEvent, PeerStatus
+from candy_core import ClientConfig, ClientEvent, PeerStatus, PingReply
 from shells.blocking.loop import POLL, Kit, Loop, recv_loop
 from shells.blocking.writer import HIGH_WATER, SEND_TIMEOUT, Writer
 from shells.common import CONNECT_TIMEOUT, track_joined
@@ -59,6 +59,9 @@ class BlockingClient:
         self._writer: Writer | None = None
         self._udp: UdpSocket | None = None
         self._packet_ready = self.kit.event()
+        #: ping() calls waiting for their reply, by (address, sequence number): the flag it
+        #: waits on and the slot the reply goes to.
+        self._pings: dict[tuple[IPv4Address, int], tuple[Any, list[PingReply]]] = {}
 
     def status(self) -> dict[str, Any]:
         """The ``candy status`` document (after :meth:`start`)."""
@@ -90,6 +93,7 @@ class BlockingClient:
         pump.close_server = self._close_server
         pump.open_connection = lambda: loop.spawn(self._connect)
         pump.packets_ready = self._packet_ready.set
+        pump.ping_replied = self._ping_replied
         if self.config.stun is not None:
             self._udp = UdpSocket(self._udp_port)
             pump.send_datagrams = self._udp.send_many
@@ -150,6 +154,38 @@ class BlockingClient:
             if left <= 0:
                 return None
             self._packet_ready.wait(left)
+
+    def ping(self, ip: IPv4Address | str, timeout: float = 2.0) -> PingReply | None:
+        """Send an ICMP echo request to ``ip`` over the usual path and wait for the reply.
+
+        Returns the reply (round trip, path, endpoint) or None after ``timeout`` seconds;
+        raises ConnectionError while we have no virtual address.
+        """
+        core = self.core
+        if core is None:
+            raise RuntimeError("call start() first")
+        dst = IPv4Address(ip)
+        done = self.kit.event()
+        slot: list[PingReply] = []
+        with self._loop.lock:
+            seq = core.ping(dst, time.monotonic())
+            if seq is None:
+                raise ConnectionError("not joined the network yet (no virtual address)")
+            key = (dst, seq)
+            self._pings[key] = (done, slot)
+            self._loop.flushed()
+        done.wait(timeout)
+        with self._loop.lock:
+            if self._pings.get(key, (None,))[0] is done:
+                del self._pings[key]
+            return slot[0] if slot else None
+
+    def _ping_replied(self, reply: PingReply) -> None:  # lock held (called by the flush)
+        waiter = self._pings.pop((reply.ip, reply.seq), None)
+        if waiter is not None:
+            done, slot = waiter
+            slot.append(reply)
+            done.set()
 
     def peer_status(self) -> list[PeerStatus]:
         """Each peer's state, endpoint, last heartbeat and delay (empty without STUN)."""

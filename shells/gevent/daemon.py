@@ -8,9 +8,10 @@ import gevent
 import gevent.event
 import gevent.ssl
 
+from shells.blocking.control import Controlled
 from shells.blocking.daemon import run_until_signalled
 from shells.common import client_kwargs, server_kwargs
-from shells.gevent import Client, Server
+from shells.gevent import KIT, Client, Server
 from shells.metrics import GeventMetricsServer, with_metrics
 from shells.settings import DaemonSettings
 
@@ -35,5 +36,7 @@ def run(settings: DaemonSettings) -> int:
     else:
         assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, gevent.ssl))
-    served = with_metrics(node, settings.metrics, GeventMetricsServer)
+    served = with_metrics(
+        Controlled(KIT, node, settings.control), settings.metrics, GeventMetricsServer
+    )
     return run_until_signalled(served, _wait_for_signal)

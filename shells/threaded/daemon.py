@@ -7,11 +7,12 @@ import ssl
 import threading
 
 from shells.blocking import POLL
+from shells.blocking.control import Controlled
 from shells.blocking.daemon import run_until_signalled
 from shells.common import client_kwargs, server_kwargs
 from shells.metrics import ThreadedMetricsServer, with_metrics
 from shells.settings import DaemonSettings
-from shells.threaded import Client, Server
+from shells.threaded import KIT, Client, Server
 
 
 def _wait_for_signal() -> None:
@@ -39,5 +40,7 @@ def run(settings: DaemonSettings) -> int:
     else:
         assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, ssl))
-    served = with_metrics(node, settings.metrics, ThreadedMetricsServer)
+    served = with_metrics(
+        Controlled(KIT, node, settings.control), settings.metrics, ThreadedMetricsServer
+    )
     return run_until_signalled(served, _wait_for_signal)

@@ -34,6 +34,8 @@ _ADDR_PORT = struct.Struct(">4sH")
 
 #: The shortest IPv4 packet accepted: a bare header. Source address at offset 12, destination 16.
 IPV4_HEADER_SIZE = 20
+#: IP protocol number of IPv4-in-IPv4 (Candy 6.x subnet routes encapsulate with it).
+IPPROTO_IPIP = 4
 _IPV4_ADDRESSES = struct.Struct(">4s4s")
 
 
@@ -83,12 +85,14 @@ def ipv4_endpoints(data: bytes, start: int = 0) -> tuple[bytes, bytes]:
     The one reader of packet addresses: a TUN packet (``start=0``) or the packet inside a
     FORWARD, on the WebSocket or between peers (``start=1``, after the type byte). Raises
     :class:`ProtocolError` when there is less than an IPv4 header or the version is not 4.
+    A Candy 6.x encapsulated packet is accepted too: its outer header has only protocol 4
+    and the two addresses filled in, the version byte left zero (PROTOCOL.md 6.2).
     On the relay's hot path: one call, allocating only the two addresses and their tuple.
     """
     if len(data) < start + IPV4_HEADER_SIZE:
         size = max(len(data) - start, 0)
         raise ProtocolError(f"packet too short for an IPv4 header: {size} bytes, need 20")
-    if data[start] >> 4 != 4:
+    if data[start] >> 4 != 4 and (data[start] != 0 or data[start + 9] != IPPROTO_IPIP):
         raise ProtocolError(f"not an IPv4 packet: IP version {data[start] >> 4}")
     return _IPV4_ADDRESSES.unpack_from(data, start + 12)
 

@@ -646,6 +646,25 @@ def test_forward_of_a_non_ipv4_packet_is_dropped(relay: Relay) -> None:
     assert relay.server.stats.frames_dropped == 1
 
 
+def test_a_candy_6_encapsulated_forward_with_a_zeroed_outer_header_is_relayed(
+    relay: Relay,
+) -> None:
+    """6.x fills only protocol 4 and the addresses of the outer header (PROTOCOL.md 6.2)."""
+    a, b, _ = trio(relay)
+    inner = packet("10.99.0.1", "172.31.0.5", b"to the LAN behind b")
+    outer = bytearray(20)
+    outer[9] = 4
+    outer[12:16] = bytes([10, 99, 0, 1])
+    outer[16:20] = bytes([10, 99, 0, 2])
+    data = m.Forward(bytes(outer) + inner).encode()
+    a.send(data)
+    assert b.take() == [data]
+    outer[9] = 17  # a zeroed header that does not say IPIP is still not IPv4
+    a.send(m.Forward(bytes(outer) + inner).encode())
+    assert b.take() == []
+    assert relay.server.stats.frames_dropped == 1
+
+
 def test_unicast_forward_reaches_only_its_destination(relay: Relay) -> None:
     a, b, c = trio(relay)
     data = forward("10.99.0.1", "10.99.0.2", b"hello b")

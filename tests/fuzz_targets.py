@@ -1148,8 +1148,6 @@ class _ServerHttp:
 class ServerProgram:
     """A fresh RelayServer driven by one program; the invariants are checked after every call."""
 
-    OPS = 18
-
     def __init__(self, data: bytes) -> None:
         self.r = Reader(data)
         self.trace: list = []
@@ -1731,7 +1729,6 @@ OWN = IPv4Address("10.99.0.1").packed
 PEERS = [IPv4Address(f"10.99.0.{i}").packed for i in (2, 3, 4)]
 STUN_ADDR = ("192.0.2.100", 3478)
 PEER_ADDRS = (("198.51.100.2", 40000), ("198.51.100.3", 40001), ("192.168.1.20", 50000))
-_CLIENT_OPS = 16
 
 
 class _ClientOut:

@@ -321,6 +321,7 @@ class Client:
                 )
             )
         self.phase = Phase.IDLE
+        self.authenticated = False  # nothing more is framed for the closed connection
         self._connect_at = None
         self._close_requested = True
 

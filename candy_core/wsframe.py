@@ -193,7 +193,8 @@ class FrameParser:
             raise FrameError(
                 f"message of over {self.max_size} bytes exceeds the limit", CLOSE_TOO_BIG
             )
-        self._frag.append(payload)
+        if payload:  # empty fragments add nothing: holding them would let memory grow unbounded
+            self._frag.append(payload)
         if not fin:
             return None
         frame = Frame(self._frag_op, b"".join(self._frag))

@@ -43,6 +43,7 @@ from candy_core.events import (
 from candy_core.limits import Limits
 from candy_core.peers import PeerStatus
 from candy_core.peerstate import PeerEvent, State
+from candy_core.router import Network, NetworkRouter, make_relay
 from candy_core.server import RelayServer, ServerStats
 from candy_core.sim import Nat, SimClient, Simulation
 from candy_core.status import ClientInfo, ClientStatus, PeerInfo, ServerStatus
@@ -69,6 +70,8 @@ __all__ = [
     "FrameError",
     "Limits",
     "Nat",
+    "Network",
+    "NetworkRouter",
     "PeerEvent",
     "PeerInfo",
     "PeerStateChanged",
@@ -89,6 +92,7 @@ __all__ = [
     "check_port",
     "drain_client",
     "drain_server",
+    "make_relay",
     "new_vmac",
     "parse_interface",
 ]

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from candy_core.client import Client
 from candy_core.events import ClientEvent, ServerEvent
+from candy_core.router import NetworkRouter
 from candy_core.server import RelayServer
 
 __all__ = ["ClientSink", "ServerSink", "drain_client", "drain_server"]
@@ -87,7 +88,7 @@ def drain_client(core: Client, sink: ClientSink) -> float | None:
     return core.next_deadline()
 
 
-def drain_server(core: RelayServer, sink: ServerSink) -> float | None:
+def drain_server(core: RelayServer | NetworkRouter, sink: ServerSink) -> float | None:
     """Hand everything ``core`` produced to ``sink``; returns ``core.next_deadline()``.
 
     Order: bytes per connection, then connections to close (so a connection's last bytes

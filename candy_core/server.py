@@ -121,7 +121,9 @@ class ServerStats:
 class RelayServer:
     """One relay: authenticates clients, assigns addresses and relays their frames."""
 
-    def __init__(self, config: ServerConfig, rng: random.Random) -> None:
+    def __init__(
+        self, config: ServerConfig, rng: random.Random, limiter: SourceLimiter | None = None
+    ) -> None:
         self.config = config
         self._rng = rng
         self._conns: dict[Hashable, _Connection] = {}
@@ -134,7 +136,8 @@ class RelayServer:
         self._pool = AddressPool(config.dhcp, rng) if config.dhcp else None
         self._directed = self._pool.broadcast if self._pool else None
         self._next_sweep: float | None = None
-        self._limiter = SourceLimiter(config.limits)
+        #: Shared by every network of a :class:`~candy_core.router.NetworkRouter`.
+        self._limiter = limiter if limiter is not None else SourceLimiter(config.limits)
         self._refused_since_log = 0
         self._refused_reason = ""
         self._refused_log_at = float("-inf")
@@ -156,6 +159,31 @@ class RelayServer:
         self._conns[cid] = _Connection(cid, peer, source, now, now)
         if self._next_sweep is None:
             self._next_sweep = now + SWEEP_INTERVAL
+
+    def connection_upgraded(
+        self,
+        cid: Hashable,
+        now: float,
+        wall: float,
+        peer: str,
+        opened: float,
+        head: tuple[bytes, int, bytes],
+    ) -> None:
+        """Take over a connection a :class:`~candy_core.router.NetworkRouter` admitted (the
+        limiter counts it as pending) and upgraded for this network. ``head`` is the 101
+        reply to send first, the size of the request head read, and the bytes after it."""
+        reply, head_size, trailing = head
+        self.stats.connections += 1
+        self.stats.rx_bytes += head_size
+        parser = FrameParser(self.config.max_frame, expect_mask=True)
+        conn = _Connection(cid, peer, source_of(peer), opened, now, phase=Phase.OPEN, upgrade=None)
+        conn.parser, conn.rx_bytes = parser, head_size
+        self._conns[cid] = conn
+        if self._next_sweep is None:
+            self._next_sweep = now + SWEEP_INTERVAL
+        self._send_raw(conn, reply)
+        if trailing:
+            self.receive_data(cid, trailing, now, wall)
 
     def connection_lost(self, cid: Hashable, reason: str = "connection closed by peer") -> None:
         """The shell saw the socket end (EOF or error); forget the connection."""

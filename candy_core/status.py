@@ -130,6 +130,8 @@ class ClientInfo(Snapshot):
     frames_dropped: int
     #: Frames queued because its socket is not keeping up.
     backlog: int
+    #: The network (URL path) it joined on a relay with several networks, else ``None``.
+    network: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

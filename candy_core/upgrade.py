@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 import h11
@@ -12,7 +13,7 @@ from candy_core.errors import ProtocolError
 #: Most bytes of HTTP request/response head we accept before giving up on a peer.
 MAX_HEAD = 16384
 
-_REASONS = {400: b"Bad Request", 403: b"Forbidden"}
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +31,17 @@ def _headers(event: h11.Request | h11.InformationalResponse | h11.Response) -> d
 
 
 class ServerUpgrade:
-    """Server side: parse the request, answer 101 for a WebSocket upgrade, 403 otherwise."""
+    """Server side: parse the request, answer 101 for a WebSocket upgrade, 403 otherwise.
 
-    def __init__(self) -> None:
+    With ``paths`` (the networks of a relay), a request whose path (the target without its
+    query) is not one of them gets 404; :attr:`route` is that path once the head is parsed.
+    """
+
+    def __init__(self, paths: Container[str] | None = None) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._paths = paths
         self.path = "/"
+        self.route = "/"
 
     def receive(self, data: bytes) -> UpgradeResult:
         self._h11.receive_data(data)
@@ -47,6 +54,9 @@ class ServerUpgrade:
         if not isinstance(event, h11.Request):
             return self._reject(400, "expected an HTTP request")
         self.path = event.target.decode("ascii", "replace")
+        self.route = self.path.partition("?")[0]
+        if self._paths is not None and self.route not in self._paths:
+            return self._reject(404, f"no network at path {self.route!r}")
         headers = _headers(event)
         tokens = {t.strip().lower() for t in headers.get(b"connection", b"").split(b",")}
         key = headers.get(b"sec-websocket-key")

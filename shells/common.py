@@ -178,7 +178,12 @@ def server_kwargs(settings: DaemonSettings, ssl_module: ModuleType = ssl) -> dic
     ctx = None
     if settings.ws_scheme == "wss":
         ctx = server_ssl_context(str(settings.tls_cert), str(settings.tls_key), ssl_module)
-    return {"host": settings.ws_host, "port": settings.ws_port, "ssl_context": ctx}
+    return {
+        "host": settings.ws_host,
+        "port": settings.ws_port,
+        "ssl_context": ctx,
+        "networks": settings.networks,
+    }
 
 
 def client_kwargs(settings: DaemonSettings, ssl_module: ModuleType = ssl) -> dict[str, Any]:

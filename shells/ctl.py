@@ -332,11 +332,21 @@ def _format_server(doc: dict[str, Any], now: float) -> str:
             for c in clients
         ]
         heads = ["IP", "VMAC", "REMOTE", "SINCE", "TX", "RX", "DROPPED", "BACKLOG"]
-        lines += _table(heads, rows, right={3, 4, 5, 6, 7})
+        right = {3, 4, 5, 6, 7}
+        if any(c.get("network") for c in clients):  # several networks: say which one
+            heads.insert(0, "NETWORK")
+            rows = [[c.get("network") or "-", *row] for c, row in zip(clients, rows, strict=True)]
+            right = {i + 1 for i in right}
+        lines += _table(heads, rows, right=right)
     else:
         lines.append("no clients")
     lines.append("")
-    lines += _counters(doc.get("counters") or {})
+    counters = dict(doc.get("counters") or {})
+    networks = counters.pop("networks", None)
+    lines += _counters(counters)
+    if isinstance(networks, dict):
+        for path, each in networks.items():
+            lines += [f"network {path} " + line for line in _counters(dict(each))]
     return "\n".join(lines) + "\n"
 
 

@@ -150,6 +150,67 @@ def _server_metrics(doc: Mapping[str, Any]) -> list[Metric]:
     c = doc["counters"]
     rejected: Mapping[str, int] = c.get("rejected", {})
     results = {"ok": c["authenticated"], **dict.fromkeys(REJECTION_LABELS, 0), **rejected}
+    return [*_totals(doc, c, results), *_network_metrics(c.get("networks") or {})]
+
+
+def _network_metrics(networks: Mapping[str, Mapping[str, Any]]) -> list[Metric]:
+    """Per-network families (label ``network``: the URL path) of a relay with networks."""
+    if not networks:
+        return []
+    items = list(networks.items())
+    return [
+        _labelled(
+            GaugeMetricFamily(
+                "candy_server_network_clients",
+                "Authenticated clients connected now, by network",
+                labels=["network"],
+            ),
+            (([path], n.get("clients", 0)) for path, n in items),
+        ),
+        _labelled(
+            CounterMetricFamily(
+                "candy_server_network_connections_total",
+                "Connections routed to a network (by the path of their upgrade request)",
+                labels=["network"],
+            ),
+            (([path], n["connections"]) for path, n in items),
+        ),
+        _labelled(
+            CounterMetricFamily(
+                "candy_server_network_handshakes_total",
+                "Connections of a network by outcome: ok, or the reason one was closed",
+                labels=["network", "result"],
+            ),
+            (
+                ([path, result], value)
+                for path, n in items
+                for result, value in {"ok": n["authenticated"], **n.get("rejected", {})}.items()
+            ),
+        ),
+        _labelled(
+            CounterMetricFamily(
+                "candy_server_network_frames_relayed_total",
+                "Frames relayed from one client to another, by network",
+                labels=["network"],
+            ),
+            (([path], n["frames_relayed"]) for path, n in items),
+        ),
+        _labelled(
+            CounterMetricFamily(
+                "candy_server_network_bytes_total",
+                "Bytes read from (rx) and written to (tx) a network's connections",
+                labels=["network", "direction"],
+            ),
+            (
+                ([path, direction], n[f"{direction}_bytes"])
+                for path, n in items
+                for direction in ("rx", "tx")
+            ),
+        ),
+    ]
+
+
+def _totals(doc: Mapping[str, Any], c: Mapping[str, Any], results: dict[str, int]) -> list[Metric]:
     return [
         _gauge("candy_server_uptime_seconds", "Seconds since the relay started", doc["uptime_s"]),
         _gauge("candy_server_clients", "Authenticated clients connected now", len(doc["clients"])),

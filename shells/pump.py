@@ -18,6 +18,7 @@ from candy_core import (
     ClientEvent,
     Connected,
     Disconnected,
+    NetworkRouter,
     PingReply,
     RelayServer,
     ServerEvent,
@@ -71,7 +72,7 @@ class ServerPump:
 
     def __init__(
         self,
-        core: RelayServer,
+        core: RelayServer | NetworkRouter,
         write: Callable[[Hashable, bytes], None],
         close: Callable[[Hashable], None],
         on_event: Callable[[ServerEvent], None] | None = None,

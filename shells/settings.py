@@ -15,7 +15,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -27,6 +27,7 @@ from candy_core import (
     ClientConfig,
     ConfigError,
     FieldError,
+    Network,
     ServerConfig,
     check_port,
     parse_interface,
@@ -78,7 +79,7 @@ _FLAGS = {
 }
 #: Keys of the reference's config file that this implementation does not support.
 _UNSUPPORTED_KEYS = ("restart", "sdwan", "mtu", "workers")
-_SERVER_ONLY = ("dhcp", "tls_cert", "tls_key")
+_SERVER_ONLY = ("dhcp", "tls_cert", "tls_key", "networks")
 _CLIENT_ONLY = (
     "name", "tun", "stun", "port", "route", "discovery", "localhost", "confusion",
     "tls_verify", "tls_ca",
@@ -137,6 +138,8 @@ class DaemonSettings:
     control: Path | None = None
     #: Where Prometheus metrics are served (host, port), or None (the default: off).
     metrics: tuple[str, int] | None = None
+    #: A server's networks (``networks`` in the config file only), or () for one network.
+    networks: tuple[Network, ...] = ()
 
     @property
     def websocket_url(self) -> str:
@@ -289,6 +292,8 @@ def _read_config_file(path: Path, notes: list[str]) -> dict[str, _Given]:
             if key in _PATH_KEYS and isinstance(value, str) and value:
                 value = str(base / value)  # relative paths are relative to the file
             values[key] = _Given(value, key, where)
+        elif key == "networks":
+            values[key] = _Given(value, key, where)
         elif key in _UNSUPPORTED_KEYS:
             notes.append(f"{path}: config key {key!r} is not supported; ignored")
         else:
@@ -433,6 +438,9 @@ def _build(
         notes=tuple(notes),
         control=control,
         metrics=metrics,
+        networks=_networks(values["networks"], server)
+        if "networks" in values and mode == "server"
+        else (),
     )
 
 
@@ -463,6 +471,48 @@ def _config(values: dict[str, _Given], build: Callable[..., _T], **fields: Any) 
         if given is None:
             raise SettingsError(str(exc)) from None
         raise given.error(exc.reason if key == exc.field else f"{exc.field} {exc.reason}") from None
+
+
+#: Keys of one entry of ``networks``; the password and dhcp default to the top-level ones.
+_NETWORK_KEYS = ("path", "password", "dhcp", "clock_window")
+
+
+def _networks(given: _Given, server: ServerConfig) -> tuple[Network, ...]:
+    """The ``networks`` list of a server config file, each entry a checked :class:`Network`."""
+    entries = given.value
+    if not isinstance(entries, list | tuple) or not entries:
+        raise SettingsError(f"{given.where}invalid networks: expected a non-empty list of groups")
+    result: list[Network] = []
+    seen: set[str] = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"{given.where}networks entry {number}"
+        if not isinstance(entry, dict):
+            raise SettingsError(f"{where}: expected a group {{ path = ...; ... }}")
+        unknown = sorted(set(entry) - set(_NETWORK_KEYS))
+        if unknown:
+            raise SettingsError(f"{where}: unknown key {unknown[0]!r} (expected {_NETWORK_KEYS})")
+        path = entry.get("path")
+        if path is None:
+            raise SettingsError(f"{where}: no path given")
+        where = f"{where} ({path})"
+        if path in seen:
+            raise SettingsError(f"{where}: the path is given twice")
+        seen.add(path)
+        fields: dict[str, Any] = {}
+        try:
+            if "password" in entry:
+                fields["password"] = entry["password"]
+            if "dhcp" in entry:
+                dhcp = entry["dhcp"]
+                if not isinstance(dhcp, str):
+                    raise FieldError("dhcp", dhcp, "expected a string")
+                fields["dhcp"] = parse_interface(dhcp, "dhcp").network
+            if "clock_window" in entry:
+                fields["clock_window"] = entry["clock_window"]
+            result.append(Network(path, replace(server, **fields)))
+        except ConfigError as exc:
+            raise SettingsError(f"{where}: {exc}") from None
+    return tuple(result)
 
 
 def _port(given: _Given, port: object, *, any_ok: bool = False, what: str = "") -> int:

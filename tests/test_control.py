@@ -59,6 +59,7 @@ PEER_KEYS = {
 SERVER_KEYS = {"role", "version", "runtime", "listen", "uptime_s", "clients", "counters"}
 CLIENT_INFO_KEYS = {
     "ip", "vmac", "remote", "since", "tx_bytes", "rx_bytes", "frames_dropped", "backlog",
+    "network",
 }  # fmt: skip
 SERVER_COUNTERS = {
     "connections", "authenticated", "rejected", "frames_relayed", "frames_dropped",

@@ -7,10 +7,10 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
-from candy_core import RelayServer, ServerConfig, ServerEvent
+from candy_core import Network, ServerConfig, ServerEvent, make_relay
 from shells.asyncio.timer import DeadlineTimer
 from shells.common import LISTEN_BACKLOG, system_rng
 from shells.operate import server_document, server_url
@@ -84,11 +84,12 @@ class Server:
         port: int = 80,
         ssl_context: ssl.SSLContext | None = None,
         on_event: EventHandler | None = None,
+        networks: Sequence[Network] = (),
     ) -> None:
         self.config = config
         self.host = host
         self.port = port
-        self.core = RelayServer(config, system_rng())
+        self.core = make_relay(config, system_rng(), networks)
         self._ssl = ssl_context
         self._transports: dict[Hashable, asyncio.Transport] = {}
         self._pump = ServerPump(self.core, self._write, self._close, on_event)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from candy_core import RelayServer, ServerConfig, ServerEvent
+from candy_core import Network, ServerConfig, ServerEvent, make_relay
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.writer import SEND_TIMEOUT, Writer
 from shells.common import LISTEN_BACKLOG, system_rng
@@ -31,11 +31,12 @@ class BlockingServer:
         port: int = 80,
         ssl_context: Any = None,
         on_event: Callable[[ServerEvent], None] | None = None,
+        networks: Sequence[Network] = (),
     ) -> None:
         self.config = config
         self.host = host
         self.port = port
-        self.core = RelayServer(config, system_rng())
+        self.core = make_relay(config, system_rng(), networks)
         self._ssl = ssl_context
         self._writers: dict[Hashable, Writer] = {}
         #: Connections the core was told about whose worker has not taken them over yet.

@@ -3,9 +3,9 @@
 Everything an embedding program or a runtime shell needs is importable from here, as
 ``from candy_core import RelayServer, Client, ClientConfig``; the modules behind these names
 (``server``, ``client``, ``peers``, ``peerstate``, ``config``, ``limits``, ``drain``, ``events``,
-``errors``, ``auth``, ``addressing``) are the implementation, imported directly only by their
-own unit tests. The wire codecs (``messages``, ``peermsg``, ``wsframe``, ``upgrade``, ``stun``,
-``crypto``) are public modules for tools and test harnesses that speak the protocol, and
+``errors``, ``auth``, ``addressing``, ``sdwan``) are the implementation, imported directly only
+by their own unit tests. The wire codecs (``messages``, ``peermsg``, ``wsframe``, ``upgrade``,
+``stun``, ``crypto``) are public modules for tools and test harnesses that speak the protocol, and
 ``candy_core.sim`` is the simulator. Every error the core raises on purpose is a
 :class:`CandyError`.
 """
@@ -18,6 +18,7 @@ from candy_core.config import (
     ServerConfig,
     check_port,
     parse_interface,
+    sdwan_routes,
 )
 from candy_core.drain import ClientSink, ServerSink, drain_client, drain_server
 from candy_core.errors import (
@@ -38,12 +39,14 @@ from candy_core.events import (
     PeerStateChanged,
     PingReply,
     Reconnecting,
+    RoutesChanged,
     ServerEvent,
 )
 from candy_core.limits import Limits
 from candy_core.peers import PeerStatus
 from candy_core.peerstate import PeerEvent, State
 from candy_core.router import Network, NetworkRouter, make_relay
+from candy_core.sdwan import RouteTable, SdwanRoute
 from candy_core.server import RelayServer, ServerStats
 from candy_core.sim import Nat, SimClient, Simulation
 from candy_core.status import ClientInfo, ClientStatus, PeerInfo, ServerStatus
@@ -80,6 +83,9 @@ __all__ = [
     "ProtocolError",
     "Reconnecting",
     "RelayServer",
+    "RouteTable",
+    "RoutesChanged",
+    "SdwanRoute",
     "ServerConfig",
     "ServerEvent",
     "ServerSink",
@@ -95,4 +101,5 @@ __all__ = [
     "make_relay",
     "new_vmac",
     "parse_interface",
+    "sdwan_routes",
 ]

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Interface
 
-from candy_core import icmp
+from candy_core import icmp, sdwan
 from candy_core import messages as m
 from candy_core.auth import within_window
-from candy_core.config import ClientConfig
+from candy_core.config import MTU_5_6_DIRECT, MTU_5_6_RELAY, ClientConfig
 from candy_core.errors import ProtocolError
 from candy_core.events import (
     AddressChanged,
@@ -29,6 +29,7 @@ from candy_core.events import (
     Disconnected,
     PingReply,
     Reconnecting,
+    RoutesChanged,
 )
 from candy_core.peers import MAX_PEERS, PeerManager
 from candy_core.status import ClientStatus, ServerLink, Traffic
@@ -93,6 +94,10 @@ class ClientStats:
     packets_from_server: int = 0
     packets_dropped: int = 0
     reconnects: int = 0
+    #: Packets larger than the MTU (never sent).
+    packets_too_big: int = 0
+    #: Routed packets that would loop (encapsulated twice, or routed back): dropped.
+    packets_looped: int = 0
 
 
 class _MaskSource:
@@ -153,6 +158,10 @@ class Client:
         self._ping_seq = 0
         #: Echo requests in flight: (destination, sequence) -> monotonic time sent.
         self._pings: dict[tuple[bytes, int], float] = {}
+        #: Subnet routes pushed by the server (PROTOCOL.md 6.1).
+        self.routes = sdwan.RouteTable()
+        #: Set at AUTH: the next ROUTE replaces the table; any other frame first empties it.
+        self._routes_pending = False
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -160,6 +169,18 @@ class Client:
         if self._started:
             return
         self._started = True
+        mtu = self.config.mtu
+        if mtu > MTU_5_6_DIRECT:
+            over_relay = mtu > MTU_5_6_RELAY
+            limit = MTU_5_6_RELAY if over_relay else MTU_5_6_DIRECT
+            path = "the relay" if over_relay else "a direct path"
+            log.warning(
+                "mtu %d: a Candy 5.6 peer receives at most %d bytes over %s; larger packets "
+                "to it are lost (routed packets carry 20 bytes more)",
+                mtu,
+                limit,
+                path,
+            )
         if self.address is not None:
             self._events.append(AddressChanged(self.address))
             self.peers.set_address(self.address)
@@ -284,7 +305,8 @@ class Client:
                 and now - max(self._last_recv, self._last_ping) >= cfg.ping_interval
             ):
                 self._last_ping = now
-                payload = f"candy::linux::{cfg.version}".encode()
+                host = f"::{cfg.hostname}" if cfg.hostname else ""
+                payload = f"candy::linux::{cfg.version}{host}".encode()
                 self._out.append(encode_frame(OP_PING, payload, self._masks.take()))
         self.peers.handle_timer(now)
 
@@ -327,20 +349,48 @@ class Client:
 
     # --- packets from TUN ---------------------------------------------------------------
     def receive_packet(self, packet: bytes, now: float) -> None:
-        """One packet read from TUN: to ourselves, to a peer directly, or to the server."""
+        """One packet read from TUN: to ourselves, to a peer directly, or to the server.
+
+        A packet for a pushed subnet route goes encapsulated to the route's gateway. On a
+        gateway (a route goes through us), a packet that is not ours (a LAN host answering)
+        goes encapsulated to its virtual destination, so that the relay sees our source.
+        """
         ip = self._ip
+        if len(packet) > self.config.mtu:
+            self.stats.packets_too_big += 1
+            self.stats.packets_dropped += 1
+            return
         try:
             src, dst = m.ipv4_endpoints(packet)
         except ProtocolError:
             src = dst = b""  # dropped just below
-        if ip is None or src != ip:
+        if ip is None or not src:
             self.stats.packets_dropped += 1
             return
-        if dst == ip:
+        if src == ip and dst == ip:
             if self._pings and self._ping_answered(packet, now, "local", None):
                 return
             self._to_tun.append(packet)
             return
+        hop = self.routes.nexthop(dst) if self.routes else None
+        if hop is None and src != ip:
+            address = self.address
+            if (
+                not self.routes.gateway
+                or address is None
+                or dst == ip
+                or IPv4Address(dst) not in address.network
+            ):
+                self.stats.packets_dropped += 1
+                return
+            hop = dst
+        if hop is not None:
+            if sdwan.is_encapsulated(packet) or hop == ip:
+                self.stats.packets_looped += 1
+                self.stats.packets_dropped += 1
+                return
+            packet = sdwan.encapsulate(packet, ip, hop)
+            dst = hop
         path = self.peers.send_packet(dst, packet, now)
         if path is None:
             if not self.authenticated:
@@ -350,6 +400,24 @@ class Client:
             self._send_binary(b"\x01" + packet)
             path = "relay"
         self.traffic.sent(dst, path, len(packet))
+
+    def _inbound(self, packet: bytes) -> bytes | None:
+        """What goes to TUN for a received packet: it, its inner packet, or None (dropped)."""
+        if packet[9] != m.IPPROTO_IPIP:
+            return packet
+        inner = sdwan.decapsulate(packet)
+        if inner is None or (inner[0] >> 4 != 4 and not sdwan.is_encapsulated(inner)):
+            self.stats.packets_dropped += 1
+            return None
+        dst = inner[16:20]
+        if sdwan.is_encapsulated(inner) or (
+            dst != self._ip and self.routes and self.routes.nexthop(dst) is not None
+        ):
+            # Encapsulated twice, or the kernel would route it straight back into TUN.
+            self.stats.packets_looped += 1
+            self.stats.packets_dropped += 1
+            return None
+        return inner
 
     def _send_binary(self, payload: bytes) -> None:
         mask = self._masks.take()
@@ -375,9 +443,12 @@ class Client:
             src = packet[12:16]
             path = self.peers.path_from(src, addr)
             self.traffic.received(src, path, len(packet))
-            if self._pings and self._ping_answered(packet, now, path, addr):
+            inner = self._inbound(packet)
+            if inner is None:
                 continue
-            self._to_tun.append(packet)
+            if self._pings and self._ping_answered(inner, now, path, addr):
+                continue
+            self._to_tun.append(inner)
 
     # --- bytes from the server ----------------------------------------------------------
     def receive_data(self, data: bytes, now: float, wall: float) -> None:
@@ -396,6 +467,11 @@ class Client:
         for frame in frames:
             if self.phase is not Phase.OPEN:
                 return
+            if self._routes_pending and not (
+                frame.opcode == OP_BINARY and frame.payload[:1] == bytes((m.ROUTE,))
+            ):
+                # The server sends routes right after AUTH: anything else first means none.
+                self._set_routes(())
             if frame.opcode == OP_BINARY:
                 payload = frame.payload
                 if payload and payload[0] == m.FORWARD:
@@ -408,9 +484,12 @@ class Client:
                     packet = payload[1:]
                     self.traffic.received(src, "relay", len(packet))
                     self.peers.relayed_from(src, now)
-                    if self._pings and self._ping_answered(packet, now, "relay", None):
+                    inner = self._inbound(packet)
+                    if inner is None:
                         continue
-                    self._to_tun.append(packet)
+                    if self._pings and self._ping_answered(inner, now, "relay", None):
+                        continue
+                    self._to_tun.append(inner)
                 else:
                     self._message(payload, now, wall)
             elif frame.opcode == OP_PING:
@@ -478,6 +557,7 @@ class Client:
         msg = m.Auth.create(self.config.password, self.address.ip, ts, self._padding())
         self._send_binary(msg.encode())
         self.authenticated = True
+        self._routes_pending = True
         self._link(now, "connected")
         self._events.append(Connected(self.address))
 
@@ -489,11 +569,24 @@ class Client:
             return
         if isinstance(msg, m.Expected):
             self._expected_reply(msg, now, wall)
+        elif isinstance(msg, m.Route):
+            if self.authenticated:
+                entries = msg.entries if self._routes_pending else self.routes.entries + msg.entries
+                self._set_routes(entries)
         elif isinstance(msg, m.Peer | m.Discovery | m.General):
             if self.authenticated:
                 self.peers.receive_message(msg, now)
         elif not isinstance(msg, m.Unknown):
             log.debug("ignoring unexpected %s from the server", type(msg).__name__)
+
+    def _set_routes(self, entries: tuple[m.RouteEntry, ...]) -> None:
+        self._routes_pending = False
+        before = self.routes.networks()
+        self.routes.replace(entries, self._ip)
+        after = self.routes.networks()
+        if after != before:
+            log.debug("subnet routes: %s", ", ".join(map(str, after)) or "none")
+            self._events.append(RoutesChanged(after))
 
     def _expected_reply(self, msg: m.Expected, now: float, wall: float) -> None:
         cfg = self.config
@@ -581,6 +674,8 @@ class Client:
             "packets_to_server": self.stats.packets_to_server,
             "packets_from_server": self.stats.packets_from_server,
             "packets_dropped": self.stats.packets_dropped,
+            "packets_too_big": self.stats.packets_too_big,
+            "packets_looped": self.stats.packets_looped,
             "reconnects": self.stats.reconnects,
             **self.peers.counters(),
         }

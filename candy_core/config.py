@@ -15,6 +15,7 @@ from typing import Any
 
 from candy_core.errors import ConfigError
 from candy_core.limits import Limits
+from candy_core.sdwan import SdwanRoute, parse_sdwan
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -24,6 +25,7 @@ __all__ = [
     "ServerConfig",
     "check_port",
     "parse_interface",
+    "sdwan_routes",
 ]
 
 #: Largest WebSocket frame payload a legitimate peer sends: a type byte, a TUN packet of at
@@ -37,6 +39,12 @@ MAX_ROUTE_COST = 1000
 #: A dhcp range needs room for at least two hosts besides its network and broadcast addresses.
 MAX_DHCP_PREFIX = 30
 MAX_PORT = 65535
+#: Client MTU bounds and default (6.x ``mtu``); what a 5.6 peer can receive (PROTOCOL.md 6.3).
+DEFAULT_MTU = 1400
+MIN_MTU = 576
+MAX_MTU = 1500
+MTU_5_6_DIRECT = 1471
+MTU_5_6_RELAY = 1499
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]*")
 
@@ -102,6 +110,17 @@ def _limits(value: object) -> str | None:
             return f"{f.name} must be a number of at least 0"
     if value.connect_rate <= 0 or value.connect_burst < 1 or value.max_sources < 1:
         return "connect_rate must be above 0, connect_burst and max_sources at least 1"
+    return None
+
+
+def _sdwan(value: object) -> str | None:
+    if not isinstance(value, tuple) or not all(isinstance(r, SdwanRoute) for r in value):
+        return "expected a tuple of SdwanRoute"
+    for route in value:
+        if not isinstance(route.dev, IPv4Network) or not isinstance(route.dst, IPv4Network):
+            return f"route {route}: dev and dst must be IPv4Network"
+        if not isinstance(route.nexthop, IPv4Address):
+            return f"route {route}: nexthop must be an IPv4Address"
     return None
 
 
@@ -204,15 +223,30 @@ class ServerConfig:
     clock_window: int = 30
     #: Bounds on connections and handshakes per source address (floods).
     limits: Limits = field(default_factory=Limits)
+    #: Subnet routes pushed to clients (6.x ``sdwan``, PROTOCOL.md 6.1); see :func:`sdwan_routes`.
+    sdwan: tuple[SdwanRoute, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self, _SERVER_RULES)
 
     @classmethod
-    def from_strings(cls, password: str = "", dhcp: str | None = None, **kw: Any) -> ServerConfig:
-        """Build from user-facing strings (``dhcp="10.0.0.0/24"``)."""
+    def from_strings(
+        cls, password: str = "", dhcp: str | None = None, sdwan: str | None = None, **kw: Any
+    ) -> ServerConfig:
+        """Build from user-facing strings (``dhcp="10.0.0.0/24"``, ``sdwan="dev,dst,hop;..."``)."""
         net = parse_interface(dhcp, "dhcp").network if dhcp else None
-        return cls(password=password, dhcp=net, **kw)
+        routes = sdwan_routes(sdwan) if sdwan else ()
+        return cls(password=password, dhcp=net, sdwan=routes, **kw)
+
+
+def sdwan_routes(text: str) -> tuple[SdwanRoute, ...]:
+    """Parse the 6.x ``sdwan`` value ``dev,dst,nexthop;...``, raising :class:`FieldError`."""
+    if not isinstance(text, str):
+        raise FieldError("sdwan", text, "expected a string dev,dst,nexthop;...")
+    try:
+        return parse_sdwan(text)
+    except ValueError as exc:
+        raise FieldError("sdwan", text, str(exc)) from None
 
 
 _SERVER_RULES: dict[str, _Rule] = {
@@ -222,6 +256,7 @@ _SERVER_RULES: dict[str, _Rule] = {
     "idle_timeout": _seconds,
     "send_queue_limit": lambda value: _integer(value, 1),
     "limits": _limits,
+    "sdwan": _sdwan,
 }
 
 
@@ -254,10 +289,14 @@ class ClientConfig:
     #: Reconnection back-off bounds in seconds.
     backoff_min: float = 1.0
     backoff_max: float = 30.0
-    #: Version string sent in keep-alive pings (``candy::linux::<version>``).
+    #: Version string sent in keep-alive pings (``candy::linux::<version>::<hostname>``).
     version: str = "5.6"
     max_frame: int = DEFAULT_MAX_FRAME
     clock_window: int = 30
+    #: Largest packet sent (6.x ``mtu``); the TUN device's MTU. Larger packets are dropped.
+    mtu: int = DEFAULT_MTU
+    #: This host's name for the keep-alive ping payload (the shell fills it; empty: left out).
+    hostname: str = ""
 
     def __post_init__(self) -> None:
         _check(self, _CLIENT_RULES)
@@ -296,4 +335,9 @@ _CLIENT_RULES: dict[str, _Rule] = {
     "backoff_min": _seconds,
     "backoff_max": _seconds,
     "version": _nonempty,
+    "mtu": lambda value: _integer(value, MIN_MTU, MAX_MTU),
+    "hostname": lambda value: (
+        _string(value)
+        or (None if "::" not in str(value) and str(value).isprintable() else "not a host name")
+    ),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 
 # --- server -------------------------------------------------------------------------------
@@ -86,7 +86,23 @@ class PingReply:
     endpoint: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class RoutesChanged:
+    """The server's subnet routes (6.x ``sdwan``) are now ``routes``: route them through TUN.
+
+    Routes through our own address are left out; an empty tuple removes every route.
+    """
+
+    routes: tuple[IPv4Network, ...]
+
+
 ServerEvent = ClientAuthenticated | AddressAssigned | ClientDisconnected
 ClientEvent = (
-    Connected | AddressChanged | Disconnected | Reconnecting | PeerStateChanged | PingReply
+    Connected
+    | AddressChanged
+    | Disconnected
+    | Reconnecting
+    | PeerStateChanged
+    | PingReply
+    | RoutesChanged
 )

@@ -9,9 +9,9 @@ AUTH, EXPECTED, VMAC, PEER and DISCOVERY are padding and are ignored.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from candy_core import auth
 from candy_core.errors import ProtocolError
@@ -22,6 +22,7 @@ EXPECTED = 2
 PEER = 3
 VMAC = 4
 DISCOVERY = 5
+ROUTE = 6
 GENERAL = 255
 
 #: GENERAL subtype carrying a LAN endpoint.
@@ -240,6 +241,68 @@ class Discovery:
         return cls(_ip(data, 1), _ip(data, 5))
 
 
+#: Most entries the relay puts in one ROUTE message (PROTOCOL.md 6.1); more go in several.
+MAX_ROUTE_ENTRIES = 100
+_ROUTE_HEAD = struct.Struct(">BBH")
+_ROUTE_ENTRY = struct.Struct(">4s4s4s")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """One subnet route: packets for ``dst/mask`` go encapsulated to ``nexthop``."""
+
+    dst: IPv4Address
+    mask: IPv4Address
+    nexthop: IPv4Address
+
+    @property
+    def network(self) -> IPv4Network:
+        """``dst/mask`` as a network (raises ``ValueError`` for a non-contiguous mask)."""
+        return IPv4Network(f"{self.dst}/{self.mask}", strict=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """ROUTE (type 6, Candy 6.x ``sdwan``): subnet routes pushed by the server.
+
+    ``type, count, 2 reserved zero bytes`` then ``count`` 12-byte entries (dst, mask,
+    nexthop, network order). Decoding is strict: the length must be exactly that.
+    """
+
+    entries: tuple[RouteEntry, ...]
+
+    HEADER = 4
+    ENTRY = 12
+
+    def encode(self) -> bytes:
+        if len(self.entries) > 255:
+            raise ProtocolError(f"ROUTE message holds at most 255 entries, not {len(self.entries)}")
+        return _ROUTE_HEAD.pack(ROUTE, len(self.entries), 0) + b"".join(
+            _ROUTE_ENTRY.pack(e.dst.packed, e.mask.packed, e.nexthop.packed) for e in self.entries
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Route:
+        _need(data, cls.HEADER, "ROUTE")
+        _, count, _ = _ROUTE_HEAD.unpack_from(data)
+        size = cls.HEADER + cls.ENTRY * count
+        if len(data) != size:
+            raise ProtocolError(
+                f"ROUTE message of {len(data)} bytes, but {count} entries need {size}"
+            )
+        entries = tuple(
+            RouteEntry(IPv4Address(d), IPv4Address(k), IPv4Address(n))
+            for d, k, n in _ROUTE_ENTRY.iter_unpack(bytes(data[cls.HEADER :]))
+        )
+        return cls(entries)
+
+    @classmethod
+    def batches(cls, entries: Sequence[RouteEntry]) -> list[Route]:
+        """``entries`` split into messages of at most :data:`MAX_ROUTE_ENTRIES` each."""
+        step = MAX_ROUTE_ENTRIES
+        return [cls(tuple(entries[i : i + step])) for i in range(0, len(entries), step)]
+
+
 @dataclass(frozen=True, slots=True)
 class General:
     """GENERAL (type 255): opaque relayed message; subtype 0 carries a LAN endpoint."""
@@ -293,7 +356,7 @@ class Unknown:
         return self.data
 
 
-Message = Auth | Forward | Expected | Peer | Vmac | Discovery | General | Unknown
+Message = Auth | Forward | Expected | Peer | Vmac | Discovery | Route | General | Unknown
 
 _DECODERS: dict[int, Callable[[bytes], Message]] = {
     AUTH: Auth.decode,
@@ -302,6 +365,7 @@ _DECODERS: dict[int, Callable[[bytes], Message]] = {
     PEER: Peer.decode,
     VMAC: Vmac.decode,
     DISCOVERY: Discovery.decode,
+    ROUTE: Route.decode,
     GENERAL: General.decode,
 }
 

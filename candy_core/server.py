@@ -498,6 +498,14 @@ class RelayServer:
         self._settle(conn, conn.last_seen)
         log.info("%s: authenticated as %s", conn.peer, msg.ip)
         self._events.append(ClientAuthenticated(conn.cid, msg.ip))
+        self._push_routes(conn, msg.ip)
+
+    def _push_routes(self, conn: _Connection, ip: IPv4Address) -> None:
+        """Send the client every ``sdwan`` route whose ``dev`` holds ``ip`` (PROTOCOL.md 6.1)."""
+        routes = [route.entry() for route in self.config.sdwan if ip in route.dev]
+        for batch in m.Route.batches(routes):
+            payload = batch.encode()
+            self._queue(conn, binary_header(len(payload)), payload)
 
     def _vmac(self, conn: _Connection, msg: m.Vmac, wall: float) -> None:
         password = self.config.password

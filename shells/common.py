@@ -24,6 +24,7 @@ from candy_core import (
     PeerStateChanged,
     PingReply,
     Reconnecting,
+    RoutesChanged,
 )
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ def describe(event: object) -> str:
             return f"reconnecting in {delay:.1f} s (attempt {attempt})"
         case PeerStateChanged(ip, old, new, reason):
             return f"peer {ip}: {old} -> {new} ({reason})"
+        case RoutesChanged(routes):
+            return "subnet routes: " + (", ".join(map(str, routes)) or "none")
         case PingReply(ip, seq, rtt_ms, path, endpoint):
             where = f" {endpoint}" if endpoint else ""
             return f"ping reply from {ip} (seq {seq}) via {path}{where} in {rtt_ms} ms"
@@ -138,6 +141,8 @@ def client_config_for_run(
             changes["stun"] = (resolve_ipv4(stun_host, port, getaddrinfo), port)
         except OSError as exc:
             log.warning("cannot resolve STUN server %s (peer-to-peer disabled): %s", stun_host, exc)
+    if not config.hostname:  # for the keep-alive ping payload (6.x form)
+        changes["hostname"] = socket.gethostname()
     if (changes.get("stun") or config.stun) and not config.localhost:
         lan = detect_lan_address(config.host, config.port, getaddrinfo)
         if lan:

@@ -21,6 +21,7 @@ from candy_core import (
     NetworkRouter,
     PingReply,
     RelayServer,
+    RoutesChanged,
     ServerEvent,
     drain_client,
     drain_server,
@@ -116,7 +117,9 @@ class ClientPump:
         rng = system_rng()
         self.store = StateStore(state_dir, config.cache_key)
         self.core = ClientCore(self.config, rng, self.store.load(rng))
-        self.tun = TunDevice.create(self.config.interface_name) if tun else None
+        self.tun = (
+            TunDevice.create(self.config.interface_name, mtu=self.config.mtu) if tun else None
+        )
         self.on_event = on_event
         self.guard = InputGuard()
         #: Packets for an embedding program (no TUN), oldest first.
@@ -167,6 +170,12 @@ class ClientPump:
                     log.error("cannot configure %s with %s: %s", self.tun.name, event.address, exc)
             if self.config.tun is None:
                 self.store.save_address(event.address)
+        elif isinstance(event, RoutesChanged):
+            if self.tun is not None:
+                try:
+                    self.tun.set_routes(event.routes)
+                except OSError as exc:
+                    log.error("cannot route %s through %s: %s", event.routes, self.tun.name, exc)
         elif isinstance(event, Connected):
             self.joined = True
         elif isinstance(event, Disconnected):

@@ -28,9 +28,11 @@ from candy_core import (
     ConfigError,
     FieldError,
     Network,
+    SdwanRoute,
     ServerConfig,
     check_port,
     parse_interface,
+    sdwan_routes,
 )
 
 __all__ = [
@@ -76,13 +78,16 @@ _FLAGS = {
     "debug": "--debug",
     "control": "--control",
     "metrics": "--metrics",
+    "sdwan": "--sdwan",
+    "mtu": "--mtu",
+    "clock_window": "--clock-window",
 }
 #: Keys of the reference's config file that this implementation does not support.
-_UNSUPPORTED_KEYS = ("restart", "sdwan", "mtu", "workers")
-_SERVER_ONLY = ("dhcp", "tls_cert", "tls_key", "networks")
+_UNSUPPORTED_KEYS = ("restart", "workers")
+_SERVER_ONLY = ("dhcp", "tls_cert", "tls_key", "networks", "sdwan")
 _CLIENT_ONLY = (
     "name", "tun", "stun", "port", "route", "discovery", "localhost", "confusion",
-    "tls_verify", "tls_ca",
+    "tls_verify", "tls_ca", "mtu",
 )  # fmt: skip
 _PATH_KEYS = ("tls_cert", "tls_key", "tls_ca", "state_dir", "control")
 #: Where each daemon's control socket is, unless ``--control`` says otherwise.
@@ -210,11 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify the wss:// server certificate (default: yes)",
     )  # fmt: skip
     c.add_argument("--tls-ca", metavar="PATH", help="CA bundle to verify the server with")
+    c.add_argument("--mtu", metavar="BYTES", help="TUN MTU, 576 to 1500 (default 1400)")
 
     s = p.add_argument_group("server options")
     s.add_argument("-d", "--dhcp", metavar="CIDR", help="dynamic address range, e.g. 10.0.0.0/24")
     s.add_argument("--tls-cert", metavar="PATH", help="certificate chain for wss://")
     s.add_argument("--tls-key", metavar="PATH", help="private key for wss://")
+    s.add_argument(
+        "--sdwan", metavar="ROUTES",
+        help="subnet routes dev,dst,nexthop;... pushed to clients inside dev",
+    )  # fmt: skip
+    s.add_argument(
+        "--clock-window", metavar="SECONDS",
+        help="allowed handshake clock difference (default 30)",
+    )  # fmt: skip
 
     g = p.add_argument_group("logging and process options")
     g.add_argument(
@@ -386,11 +400,21 @@ def _build(
         "localhost": text("localhost"),
         "route": integer("route", 0),
         "discovery": integer("discovery", 0),
+        "mtu": integer("mtu", 1400),
+        "clock_window": integer("clock_window", 30),
     }
     if mode == "client":
         client_fields.update(name=name, host=host, port=port, path=ws_path)
     client = _config(values, ClientConfig, **client_fields)
-    server = _config(values, ServerConfig, password=password, dhcp=dhcp)
+    sdwan = _sdwan(values["sdwan"]) if text("sdwan") is not None else ()
+    server = _config(
+        values,
+        ServerConfig,
+        password=password,
+        dhcp=dhcp,
+        sdwan=sdwan,
+        clock_window=integer("clock_window", 30),
+    )
 
     if mode == "server":
         if scheme == "wss":
@@ -461,6 +485,14 @@ def _listen_address(given: _Given) -> tuple[str, int]:
     return host, _port(given, int(port_text))
 
 
+def _sdwan(given: _Given) -> tuple[SdwanRoute, ...]:
+    """The ``sdwan`` routes ``dev,dst,nexthop;...``, checked by the core config."""
+    try:
+        return sdwan_routes(given.value)
+    except FieldError as exc:
+        raise given.error(exc.reason) from None
+
+
 def _config(values: dict[str, _Given], build: Callable[..., _T], **fields: Any) -> _T:
     """``build(**fields)``, a refused value reported as the flag or config key it came from."""
     try:
@@ -474,7 +506,7 @@ def _config(values: dict[str, _Given], build: Callable[..., _T], **fields: Any) 
 
 
 #: Keys of one entry of ``networks``; the password and dhcp default to the top-level ones.
-_NETWORK_KEYS = ("path", "password", "dhcp", "clock_window")
+_NETWORK_KEYS = ("path", "password", "dhcp", "sdwan", "clock_window")
 
 
 def _networks(given: _Given, server: ServerConfig) -> tuple[Network, ...]:
@@ -507,6 +539,11 @@ def _networks(given: _Given, server: ServerConfig) -> tuple[Network, ...]:
                 if not isinstance(dhcp, str):
                     raise FieldError("dhcp", dhcp, "expected a string")
                 fields["dhcp"] = parse_interface(dhcp, "dhcp").network
+            if "sdwan" in entry:
+                routes = entry["sdwan"]
+                if not isinstance(routes, str):
+                    raise FieldError("sdwan", routes, "expected a string")
+                fields["sdwan"] = sdwan_routes(routes)
             if "clock_window" in entry:
                 fields["clock_window"] = entry["clock_window"]
             result.append(Network(path, replace(server, **fields)))

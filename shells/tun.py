@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -9,6 +10,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Self
 
@@ -52,6 +54,8 @@ class TunDevice:
         self.txqueuelen = txqueuelen
         self.dropped = 0
         """Packets dropped by :meth:`write` because the kernel queue was full."""
+        self.routes: tuple[ipaddress.IPv4Network, ...] = ()
+        """Subnet routes installed through this device (:meth:`set_routes`)."""
 
     @classmethod
     def create(cls, name: str, mtu: int = 1400, txqueuelen: int = 1000) -> Self:
@@ -75,6 +79,56 @@ class TunDevice:
         actual = res[:IFNAMSIZ].split(b"\0", 1)[0].decode()
         return cls(fd, actual, mtu, txqueuelen)
 
+    def _in_thread(self, what: str, job: Callable[[], None]) -> None:
+        """Run netlink ``job`` in a helper thread (see :meth:`configure`), re-raising its error."""
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                job()
+            except BaseException as exc:  # handed back to the caller below
+                errors.append(exc)
+
+        worker = threading.Thread(target=work, name=f"{what}-{self.name}", daemon=True)
+        worker.start()
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def set_routes(self, routes: Iterable[ipaddress.IPv4Network]) -> None:
+        """Route exactly ``routes`` through this device: add the new ones, remove the others.
+
+        Subnet routes pushed by the server (6.x ``sdwan``). An existing route to the same
+        destination elsewhere is replaced. Blocks until done; raises :class:`TunError`.
+        """
+        wanted = tuple(dict.fromkeys(routes))
+        self._in_thread("routes", lambda: self._routes_netlink(wanted))
+
+    def _routes_netlink(self, wanted: tuple[ipaddress.IPv4Network, ...]) -> None:
+        from pyroute2 import IPRoute
+
+        ipr = IPRoute()
+        try:
+            found = ipr.link_lookup(ifname=self.name)
+            if not found:
+                raise TunError(f"cannot set routes on {self.name}: interface not found")
+            index = found[0]
+            for net in self.routes:
+                if net not in wanted:
+                    with contextlib.suppress(OSError):  # already gone (link down, by hand)
+                        ipr.route("del", dst=str(net), oif=index)
+                    self.routes = tuple(r for r in self.routes if r != net)
+            for net in wanted:
+                if net not in self.routes:
+                    ipr.route("replace", dst=str(net), oif=index)
+                    self.routes = (*self.routes, net)
+        except TunError:
+            raise
+        except OSError as exc:
+            raise TunError(f"cannot set routes on {self.name}: {exc.strerror or exc}") from exc
+        finally:
+            ipr.close()
+
     def configure(self, interface: ipaddress.IPv4Interface) -> None:
         """Set the only IPv4 address, MTU and txqueuelen, and bring the link up.
 
@@ -83,19 +137,7 @@ class TunDevice:
         running loop when there is one, which fails inside an asyncio shell ("this event
         loop is already running").
         """
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                self._configure_netlink(interface)
-            except BaseException as exc:  # handed back to the caller below
-                errors.append(exc)
-
-        worker = threading.Thread(target=work, name=f"configure-{self.name}", daemon=True)
-        worker.start()
-        worker.join()
-        if errors:
-            raise errors[0]
+        self._in_thread("configure", lambda: self._configure_netlink(interface))
 
     def _configure_netlink(self, interface: ipaddress.IPv4Interface) -> None:
         from pyroute2 import IPRoute  # imported lazily: a slow import not every user needs
@@ -169,7 +211,10 @@ class TunDevice:
             self.dropped += 1
 
     def close(self) -> None:
-        """Close the fd, which removes the interface. Safe to call twice."""
+        """Remove our routes, close the fd (which removes the interface). Safe to call twice."""
+        if self.routes and self._fd >= 0:
+            with contextlib.suppress(OSError):  # they go with the interface anyway
+                self.set_routes(())
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)

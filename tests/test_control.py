@@ -628,7 +628,7 @@ def test_cli_status_of_a_server(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     server, (a, b) = network(threaded)
-    send_and_expect(a, b, b"x" * 1500)
+    send_and_expect(a, b, b"x" * 1300)  # within the MTU (1400)
     path = tmp_path / "server.sock"
     threaded_serve(server, path)
     assert cli.main(["status", "--server", "--control", str(path)]) == 0

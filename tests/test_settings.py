@@ -270,9 +270,9 @@ def test_config_file_tls_paths_relative_to_file(tmp_path):
 
 
 def test_unknown_and_unsupported_keys_become_notes(tmp_path):
-    path = write(tmp_path, 'mode = "server"\nwebsocket = "ws://h"\nsdwan = "x"\npasword = "y"\n')
+    path = write(tmp_path, 'mode = "server"\nwebsocket = "ws://h"\nworkers = 2\npasword = "y"\n')
     notes = parse_args(["-c", str(path)]).notes
-    assert any("'sdwan'" in n and "not supported" in n for n in notes)
+    assert any("'workers'" in n and "not supported" in n for n in notes)
     assert any("'pasword'" in n and "unknown" in n for n in notes)
 
 

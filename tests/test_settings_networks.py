@@ -67,6 +67,8 @@ def test_flags_override_the_top_level_only(tmp_path: Path) -> None:
         ('{ path = "/a"; clock_window = -1; }', "invalid clock_window"),
         ('{ path = "/a"; password = 7; }', "invalid password"),
         ('{ path = "/a"; colour = "red"; }', "unknown key 'colour'"),
+        ('{ path = "/a"; sdwan = "10.1.0.0/24,172.31.0.1/24,10.1.0.2"; }', "invalid sdwan"),
+        ('{ path = "/a"; sdwan = 5; }', "expected a string"),
         ('"/a"', "expected a group"),
     ],
 )
@@ -91,3 +93,14 @@ def test_networks_in_a_client_config_is_ignored_with_a_note(tmp_path: Path) -> N
     s = parse_args(["-c", str(config(tmp_path, text))])
     assert s.networks == ()
     assert any("networks does not apply" in note for note in s.notes)
+
+
+def test_each_network_has_its_own_sdwan_routes(tmp_path: Path) -> None:
+    text = TWO.replace(
+        '{ path = "/lab"; dhcp = "10.2.0.0/24";',
+        '{ path = "/lab"; dhcp = "10.2.0.0/24"; sdwan = "10.2.0.0/24,172.31.0.0/24,10.2.0.9";',
+    )
+    office, lab = parse_args(["-c", str(config(tmp_path, text))]).networks
+    assert office.config.sdwan == ()
+    (route,) = lab.config.sdwan
+    assert str(route.dst) == "172.31.0.0/24" and str(route.nexthop) == "10.2.0.9"

@@ -218,7 +218,7 @@ class Daemons:
 
     def _start(self, runtime: str, p2p: bool, tag: str) -> None:
         topo = self.topo
-        cli = [sys.executable, "-m", "shells.cli"]
+        cli = [sys.executable, "-m", "shells.cli", "--control", "none"]
         srv_argv = [*cli, "-m", "server", "-w", "ws://0.0.0.0:8080", "-p", PASSWORD]
         srv_argv += ["-d", "10.99.0.0/24", "--runtime", runtime]
         self.procs["server"] = self._spawn(topo.srv, srv_argv, f"{tag}-server")

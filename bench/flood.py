@@ -678,7 +678,7 @@ def run_runtime(runtime: str, args: argparse.Namespace, logs: Path) -> dict:
 
         server_log = logs / f"server-{runtime}.log"
         argv = [
-            sys.executable, "-m", "shells.cli", "-m", "server", "-w", f"ws://{SERVER_IP}:{PORT}",
+            sys.executable, "-m", "shells.cli", "--control", "none", "-m", "server", "-w", f"ws://{SERVER_IP}:{PORT}",
             "-p", rawws.PASSWORD, "-d", DHCP, "--runtime", runtime,
         ]  # fmt: skip
         code = Path(args.daemon_code or REPO_ROOT)

@@ -111,7 +111,7 @@ def daemon_env() -> dict[str, str]:
 def server_argv(runtime: str, port: int, dhcp: str, host: str = LOOPBACK) -> list[str]:
     """Command line of a relay daemon (INFO logging)."""
     return [
-        sys.executable, "-m", "shells.cli", "-m", "server", "-w", f"ws://{host}:{port}",
+        sys.executable, "-m", "shells.cli", "--control", "none", "-m", "server", "-w", f"ws://{host}:{port}",
         "-p", PASSWORD, "-d", dhcp, "--runtime", runtime,
     ]  # fmt: skip
 

@@ -103,7 +103,17 @@ class Daemons:
 
     def server(self, runtime: str, *, wait: bool = True) -> subprocess.Popen[bytes]:
         """The relay in ``srv``, listening on 192.0.2.1:8080, range 10.99.0.0/24."""
-        argv = [sys.executable, "-m", "shells.cli", "-m", "server", "-w", "ws://0.0.0.0:8080"]
+        argv = [
+            sys.executable,
+            "-m",
+            "shells.cli",
+            "--control",
+            "none",
+            "-m",
+            "server",
+            "-w",
+            "ws://0.0.0.0:8080",
+        ]
         argv += ["-p", PASSWORD, "-d", str(VPN), "--runtime", runtime, "--debug"]
         proc = self.spawn("srv", argv, f"server-{runtime}")
         if wait:
@@ -120,7 +130,17 @@ class Daemons:
         wait: bool = True,
     ) -> subprocess.Popen[bytes]:
         """A client named ``role`` in namespace ``role`` (interface ``candy-<role>``)."""
-        argv = [sys.executable, "-m", "shells.cli", "-m", "client", "-w", SERVER_URL]
+        argv = [
+            sys.executable,
+            "-m",
+            "shells.cli",
+            "--control",
+            "none",
+            "-m",
+            "client",
+            "-w",
+            SERVER_URL,
+        ]
         argv += ["-p", password, "-n", role, "--state-dir", str(self.state_dir(role))]
         argv += ["--runtime", runtime, "--debug"]
         if static:

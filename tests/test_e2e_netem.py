@@ -179,7 +179,7 @@ class Candy:
         self.net = net = bad_net.net
         self.lab = lab = net.lab
         srv_rt, a_rt, b_rt = runtimes
-        cli = [sys.executable, "-m", "shells.cli", "--debug", "--runtime"]
+        cli = [sys.executable, "-m", "shells.cli", "--control", "none", "--debug", "--runtime"]
         self.server = lab.spawn(
             net.srv,
             [*cli, srv_rt, "-m", "server", "-w", "ws://0.0.0.0:8080", "-p", PASSWORD, "-d", VPN],

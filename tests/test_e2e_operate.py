@@ -69,7 +69,7 @@ def metric(text: str, name: str) -> float:
 @pytest.mark.parametrize("runtime", ["asyncio", "gevent", "threaded"])
 def test_status_ping_and_metrics_follow_the_paths(net: Net, runtime: str, tmp_path: Path) -> None:
     lab = net.lab
-    cli = [sys.executable, "-m", "shells.cli", "--runtime", runtime]
+    cli = [sys.executable, "-m", "shells.cli", "--control", "none", "--runtime", runtime]
     socks = {name: tmp_path / f"{name}.sock" for name in ("srv", "a", "b")}
     server = lab.spawn(
         net.srv,

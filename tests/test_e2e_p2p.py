@@ -34,7 +34,7 @@ def test_clients_behind_nats_go_direct_and_fall_back_to_the_relay(
     net: Net, runtime: str, tmp_path: Path
 ) -> None:
     lab = net.lab
-    cli = [sys.executable, "-m", "shells.cli", "--runtime", runtime, "--debug"]
+    cli = [sys.executable, "-m", "shells.cli", "--control", "none", "--runtime", runtime, "--debug"]
     server = lab.spawn(
         net.srv,
         [*cli, "-m", "server", "-w", "ws://0.0.0.0:8080", "-p", PASSWORD, "-d", "10.99.0.0/24"],

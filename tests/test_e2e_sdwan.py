@@ -57,7 +57,18 @@ def test_a_reaches_the_lan_behind_gateway_g_over_the_relay(lab: Lab, runtime: st
     lab.run(g, "iptables", "-w", "5", "-t", "nat", "-A", "POSTROUTING", "-o", g_lan,
             "-j", "MASQUERADE")  # fmt: skip
 
-    cli = [sys.executable, "-m", "shells.cli", "-p", "secret", "--runtime", runtime, "--debug"]
+    cli = [
+        sys.executable,
+        "-m",
+        "shells.cli",
+        "--control",
+        "none",
+        "-p",
+        "secret",
+        "--runtime",
+        runtime,
+        "--debug",
+    ]
     server = lab.spawn(
         srv, [*cli, "-m", "server", "-w", "ws://0.0.0.0:8080", "--sdwan", SDWAN], ENV, cwd=REPO_ROOT
     )

@@ -61,7 +61,17 @@ class Daemons:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, ns: str, *args: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "shells.cli", "--runtime", self.runtime, "--debug", *args]
+        argv = [
+            sys.executable,
+            "-m",
+            "shells.cli",
+            "--control",
+            "none",
+            "--runtime",
+            self.runtime,
+            "--debug",
+            *args,
+        ]
         proc = self.lab.spawn(ns, argv, env=ENV, cwd=REPO_ROOT)
         self.procs.append(proc)
         return proc

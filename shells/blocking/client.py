@@ -10,6 +10,7 @@ from typing import Any
 from candy_core import Client as ClientCore
 from candy_core import ClientConfig, ClientEvent, PeerStatus, PingReply
 from shells.blocking.loop import POLL, Kit, Loop, recv_loop
+from shells.blocking.tls import shareable
 from shells.blocking.writer import HIGH_WATER, SEND_TIMEOUT, Writer
 from shells.common import CONNECT_TIMEOUT, track_joined
 from shells.operate import client_document, server_url
@@ -211,6 +212,8 @@ class BlockingClient:
             if self._ssl is not None:
                 sock = self._ssl.wrap_socket(sock, server_hostname=cfg.host)
             sock.settimeout(SEND_TIMEOUT)
+            # OS threads read and write it at once: one OpenSSL call at a time.
+            sock = shareable(sock, self.kit.direct_send, SEND_TIMEOUT)
         except (OSError, ValueError) as exc:
             reason = str(exc) or type(exc).__name__
             with loop.lock:

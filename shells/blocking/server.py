@@ -10,6 +10,7 @@ from typing import Any
 
 from candy_core import Network, ServerConfig, ServerEvent, make_relay
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
+from shells.blocking.tls import shareable
 from shells.blocking.writer import SEND_TIMEOUT, Writer
 from shells.common import LISTEN_BACKLOG, system_rng
 from shells.operate import server_document, server_url
@@ -134,6 +135,8 @@ class BlockingServer:
         if self._ssl is not None:
             try:
                 sock = self._ssl.wrap_socket(sock, server_side=True)
+                # OS threads read and write it at once: one OpenSSL call at a time.
+                sock = shareable(sock, self.kit.direct_send, SEND_TIMEOUT)
             except (OSError, ValueError) as exc:
                 with loop.lock:
                     if self._accepted.pop(cid, None) is not None:

@@ -38,7 +38,10 @@ class Writer:
         # the OS level, so a plain write(2) never waits; TLS needs its own framing.
         self._direct_fd = (
             sock.fileno()
-            if loop.kit.direct_send and not isinstance(sock, ssl.SSLSocket) and sock.gettimeout()
+            if loop.kit.direct_send
+            and not isinstance(sock, ssl.SSLSocket)
+            and not getattr(sock, "tls", False)
+            and sock.gettimeout()
             else None
         )
 

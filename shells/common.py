@@ -32,6 +32,42 @@ CONNECT_TIMEOUT = 10.0
 Resolver = Callable[..., list[tuple[Any, ...]]]
 
 
+class LogEvery:
+    """Logs a recurring condition at most once per ``interval`` seconds, with a count.
+
+    ``note(text)`` counts one occurrence; it writes ``text`` and how many occurrences the
+    line stands for only if ``interval`` seconds passed since its last line, so a condition
+    that repeats thousands of times a second (an ``accept`` failing for want of file
+    descriptors) costs one line a second. Not thread-safe: one caller at a time.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int = logging.WARNING,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.level = level
+        self.interval = interval
+        self.clock = clock
+        #: Occurrences since the last line written.
+        self.count = 0
+        self._last = float("-inf")
+
+    def note(self, text: str) -> bool:
+        """Count one occurrence; returns whether a line was written for it."""
+        self.count += 1
+        now = self.clock()
+        if now - self._last < self.interval:
+            return False
+        self.logger.log(self.level, "%s (%d time(s) since the last report)", text, self.count)
+        self.count = 0
+        self._last = now
+        return True
+
+
 def system_rng() -> random.Random:
     """The randomness handed to cores in production (os.urandom underneath)."""
     return random.SystemRandom()

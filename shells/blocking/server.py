@@ -12,8 +12,12 @@ from candy_core.config import ServerConfig
 from candy_core.server import RelayServer
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.writer import SEND_TIMEOUT, Writer
-from shells.common import system_rng
+from shells.common import LogEvery, system_rng
 from shells.pump import ServerPump
+
+#: Back-off of the accept loop while ``accept`` fails (out of descriptors): doubles up to MAX.
+ACCEPT_BACKOFF = 0.1
+ACCEPT_BACKOFF_MAX = 1.0
 
 
 class BlockingServer:
@@ -42,6 +46,8 @@ class BlockingServer:
         self._pump = ServerPump(self.core, self._write, self._close, on_event)
         self._loop = Loop(self.kit, self.core.handle_timer, self._pump.flush)
         self._listener: Any = None
+        self._stopped = self.kit.event()  # wakes the accept loop from its back-off
+        self._accept_errors = LogEvery(log)
 
     def start(self) -> None:
         """Listen and serve in the background; :attr:`port` is the real port afterwards."""
@@ -62,6 +68,7 @@ class BlockingServer:
         """Stop listening, close every connection and wait for the workers."""
         loop = self._loop
         loop.stopping = True
+        self._stopped.set()
         if self._listener is not None:
             self._listener.close()
         with loop.lock:
@@ -79,22 +86,40 @@ class BlockingServer:
         self.stop()
 
     def _accept(self) -> None:
+        """Accept connections; while ``accept`` fails, back off (never spin) and log rarely.
+
+        Out of file descriptors, the kernel keeps new connections in the listen backlog
+        until ours close; the lock is not held meanwhile, so joined clients are served.
+        """
         timeout_error = self.kit.socket.timeout
+        backoff = 0.0
         while not self._loop.stopping:
             try:
                 sock, peer = self._listener.accept()
             except timeout_error:
                 continue
-            except OSError:
+            except ConnectionAbortedError:
+                continue  # that one connection is gone; the next may be fine
+            except OSError as exc:
                 if self._loop.stopping:
                     return
-                self.kit.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                backoff = min(ACCEPT_BACKOFF_MAX, backoff * 2 or ACCEPT_BACKOFF)
+                self._accept_errors.note(
+                    f"cannot accept connections: {exc}; new ones wait in the "
+                    f"backlog, next try in {backoff:g} s"
+                )
+                self._stopped.wait(backoff)
                 continue
+            backoff = 0.0
             self._loop.spawn(self._serve, sock, f"{peer[0]}:{peer[1]}")
 
     def _serve(self, sock: Any, peer: str) -> None:
-        sock.setsockopt(self.kit.socket.IPPROTO_TCP, self.kit.socket.TCP_NODELAY, 1)
-        sock.settimeout(SEND_TIMEOUT)
+        try:
+            sock.setsockopt(self.kit.socket.IPPROTO_TCP, self.kit.socket.TCP_NODELAY, 1)
+            sock.settimeout(SEND_TIMEOUT)
+        except OSError:  # reset before we got to it
+            sock.close()
+            return
         if self._ssl is not None:
             try:
                 sock = self._ssl.wrap_socket(sock, server_side=True)

@@ -23,12 +23,9 @@ import pytest
 import rawws  # bench/rawws.py (pytest puts bench/ on sys.path)
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from candy_core import Client, ClientConfig, ClientState, RelayServer, ServerConfig, stun
 from candy_core import messages as m
-from candy_core import stun
-from candy_core.client import Client, ClientState
-from candy_core.config import ClientConfig, ServerConfig
 from candy_core.crypto import PeerCipher, peer_key
-from candy_core.server import RelayServer
 from candy_core.upgrade import ClientUpgrade
 from candy_core.wsframe import OP_BINARY, encode_frame
 

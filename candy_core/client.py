@@ -13,21 +13,25 @@ import base64
 import logging
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Interface
 
+from candy_core import icmp
 from candy_core import messages as m
 from candy_core.auth import within_window
 from candy_core.config import ClientConfig
+from candy_core.errors import ProtocolError
 from candy_core.events import (
     AddressChanged,
     ClientEvent,
     Connected,
     Disconnected,
+    PingReply,
     Reconnecting,
 )
-from candy_core.peers import PeerManager
+from candy_core.peers import MAX_PEERS, PeerManager
+from candy_core.status import ClientStatus, ServerLink, Traffic
 from candy_core.upgrade import ClientUpgrade
 from candy_core.wsframe import (
     CLOSE_NORMAL,
@@ -53,6 +57,9 @@ STABLE_AFTER = 15.0
 REFUSED_WITHIN = 5.0
 #: Most random padding bytes added to AUTH, EXPECTED and VMAC.
 MAX_PADDING = 64
+#: Seconds an unanswered ping is remembered, and how many may be in flight at once.
+PING_FORGET = 30.0
+MAX_PINGS = 256
 
 _HEX = "0123456789abcdef"
 
@@ -137,6 +144,15 @@ class Client:
         self._started = False
         self.stats = ClientStats()
         self.peers = PeerManager(config, rng, self._send_message)
+        #: Tunnel packets per peer and per path (what ``candy status`` shows).
+        self.traffic = Traffic(MAX_PEERS)
+        self._link_state = "connecting"
+        self._link_since = 0.0
+        self._last_error: str | None = None
+        self._ping_ident = rng.randrange(1, 0x10000)
+        self._ping_seq = 0
+        #: Echo requests in flight: (destination, sequence) -> monotonic time sent.
+        self._pings: dict[tuple[bytes, int], float] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -147,7 +163,7 @@ class Client:
         if self.address is not None:
             self._events.append(AddressChanged(self.address))
             self.peers.set_address(self.address)
-        self._request_connect()
+        self._request_connect(now)
 
     def take_connect_request(self) -> bool:
         """``True`` once each time the shell should open a new connection to the server."""
@@ -179,7 +195,8 @@ class Client:
         """Opening the connection failed (refused, unreachable, TLS error...)."""
         if self.phase is Phase.CONNECTING:
             self.phase = Phase.IDLE
-            self._events.append(Disconnected(f"cannot connect: {reason}"))
+            self._last_error = f"cannot connect: {reason}"
+            self._events.append(Disconnected(self._last_error))
             log.warning("cannot connect to the server: %s", reason)
             self._schedule_reconnect(now, stable=False)
 
@@ -211,13 +228,20 @@ class Client:
         self._parser = None
         self._out.clear()
         log.warning("disconnected: %s", reason)
+        self._last_error = reason
         self._events.append(Disconnected(reason))
         self._schedule_reconnect(now, stable)
 
-    def _request_connect(self) -> None:
+    def _request_connect(self, now: float) -> None:
         self.phase = Phase.CONNECTING
         self._connect_at = None
         self._connect_requested = True
+        self._link(now, "connecting")
+
+    def _link(self, now: float, state: str) -> None:
+        if state != self._link_state:
+            self._link_state = state
+            self._link_since = now
 
     def _schedule_reconnect(self, now: float, stable: bool) -> None:
         cfg = self.config
@@ -228,6 +252,7 @@ class Client:
         delay = max(cfg.backoff_min, base * (0.75 + 0.5 * self._rng.random()))
         delay = min(delay, cfg.backoff_max)
         self._connect_at = now + delay
+        self._link(now, "backoff")
         self.stats.reconnects += 1
         self._events.append(Reconnecting(delay, self._attempt))
 
@@ -249,7 +274,7 @@ class Client:
         """Reconnect, keep the connection alive or declare it dead, tick the peers."""
         cfg = self.config
         if self._connect_at is not None and now >= self._connect_at:
-            self._request_connect()
+            self._request_connect(now)
         if self.phase in (Phase.UPGRADING, Phase.OPEN):
             if now - self._last_recv >= cfg.dead_after:
                 self._close_requested = True
@@ -303,20 +328,27 @@ class Client:
     def receive_packet(self, packet: bytes, now: float) -> None:
         """One packet read from TUN: to ourselves, to a peer directly, or to the server."""
         ip = self._ip
-        if len(packet) < 20 or packet[0] >> 4 != 4 or ip is None or packet[12:16] != ip:
+        try:
+            src, dst = m.ipv4_endpoints(packet)
+        except ProtocolError:
+            src = dst = b""  # dropped just below
+        if ip is None or src != ip:
             self.stats.packets_dropped += 1
             return
-        dst = packet[16:20]
         if dst == ip:
+            if self._pings and self._ping_answered(packet, now, "local", None):
+                return
             self._to_tun.append(packet)
             return
-        if self.peers.send_packet(dst, packet, now):
-            return
-        if not self.authenticated:
-            self.stats.packets_dropped += 1
-            return
-        self.stats.packets_to_server += 1
-        self._send_binary(b"\x01" + packet)
+        path = self.peers.send_packet(dst, packet, now)
+        if path is None:
+            if not self.authenticated:
+                self.stats.packets_dropped += 1
+                return
+            self.stats.packets_to_server += 1
+            self._send_binary(b"\x01" + packet)
+            path = "relay"
+        self.traffic.sent(dst, path, len(packet))
 
     def _send_binary(self, payload: bytes) -> None:
         mask = self._masks.take()
@@ -339,6 +371,11 @@ class Client:
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> None:
         """One UDP datagram (a peer's or the STUN server's answer)."""
         for packet in self.peers.receive_datagram(data, addr, now):
+            src = packet[12:16]
+            path = self.peers.path_from(src, addr)
+            self.traffic.received(src, path, len(packet))
+            if self._pings and self._ping_answered(packet, now, path, addr):
+                continue
             self._to_tun.append(packet)
 
     # --- bytes from the server ----------------------------------------------------------
@@ -349,8 +386,9 @@ class Client:
         if self.phase is not Phase.OPEN or not data:
             return
         self._last_recv = now
+        assert self._parser is not None  # made in connection_made(), dropped when it ends
         try:
-            frames = self._parser.feed(data)  # type: ignore[union-attr]
+            frames = self._parser.feed(data)
         except FrameError as exc:
             self._protocol_failure(now, f"bad frame from the server: {exc}", exc.code)
             return
@@ -360,12 +398,18 @@ class Client:
             if frame.opcode == OP_BINARY:
                 payload = frame.payload
                 if payload and payload[0] == m.FORWARD:
-                    if len(payload) > 20 and payload[1] >> 4 == 4:
-                        self.stats.packets_from_server += 1
-                        self._to_tun.append(payload[1:])
-                        self.peers.relayed_from(payload[13:17], now)
-                    else:
+                    try:
+                        src, _ = m.ipv4_endpoints(payload, 1)
+                    except ProtocolError:
                         self.stats.packets_dropped += 1
+                        continue
+                    self.stats.packets_from_server += 1
+                    packet = payload[1:]
+                    self.traffic.received(src, "relay", len(packet))
+                    self.peers.relayed_from(src, now)
+                    if self._pings and self._ping_answered(packet, now, "relay", None):
+                        continue
+                    self._to_tun.append(packet)
                 else:
                     self._message(payload, now, wall)
             elif frame.opcode == OP_PING:
@@ -380,9 +424,10 @@ class Client:
                 self._out.append(encode_frame(OP_CLOSE, reply, self._masks.take()))
 
     def _receive_upgrade(self, data: bytes, now: float, wall: float) -> bytes:
+        assert self._upgrade is not None  # made in connection_made(), dropped once OPEN
         try:
-            result = self._upgrade.receive(data)  # type: ignore[union-attr]
-        except m.ProtocolError as exc:
+            result = self._upgrade.receive(data)
+        except ProtocolError as exc:
             self._protocol_failure(now, str(exc))
             return b""
         if result.rejected:
@@ -394,7 +439,7 @@ class Client:
         self._last_recv = now
         self._upgrade = None
         log.debug("WebSocket open to %s:%d", self.config.host, self.config.port)
-        self._send_handshake(wall)
+        self._send_handshake(now, wall)
         return result.trailing
 
     def _protocol_failure(self, now: float, reason: str, code: int = 1002) -> None:
@@ -411,7 +456,7 @@ class Client:
             return b""
         return self._rng.randbytes(self._rng.randrange(MAX_PADDING + 1))
 
-    def _send_handshake(self, wall: float) -> None:
+    def _send_handshake(self, now: float, wall: float) -> None:
         cfg = self.config
         # The server refuses handshake bytes it has seen before (replay window); a reconnect
         # within the same second must not repeat them, so timestamps only go forward.
@@ -420,24 +465,25 @@ class Client:
             m.Vmac.create(cfg.password, self.state.vmac, ts, self._padding()).encode()
         )
         if cfg.tun is not None:
-            self._send_auth(ts)
+            self._send_auth(now, ts)
         else:
             wanted = self.address or self.state.address
             cidr = str(wanted) if wanted else "0.0.0.0/0"
             self._send_binary(m.Expected.create(cfg.password, cidr, ts, self._padding()).encode())
         self._handshake_at = self._last_recv
 
-    def _send_auth(self, ts: int) -> None:
+    def _send_auth(self, now: float, ts: int) -> None:
         assert self.address is not None
         msg = m.Auth.create(self.config.password, self.address.ip, ts, self._padding())
         self._send_binary(msg.encode())
         self.authenticated = True
+        self._link(now, "connected")
         self._events.append(Connected(self.address))
 
     def _message(self, payload: bytes, now: float, wall: float) -> None:
         try:
             msg = m.decode(payload)
-        except m.ProtocolError as exc:
+        except ProtocolError as exc:
             log.warning("ignoring a malformed message from the server: %s", exc)
             return
         if isinstance(msg, m.Expected):
@@ -480,4 +526,70 @@ class Client:
             log.debug("assigned address %s", address)
             self._events.append(AddressChanged(address))
             self.peers.set_address(address)
-        self._send_auth(self._handshake_ts)
+        self._send_auth(now, self._handshake_ts)
+
+    # --- what an operator sees ----------------------------------------------------------
+    def ping(self, dst: IPv4Address, now: float, payload: bytes = b"candy ping") -> int | None:
+        """Send an ICMP echo request from our address to ``dst`` over the usual path.
+
+        Returns its sequence number, or None when we have no address yet. The reply becomes a
+        :class:`PingReply` event (never a packet for TUN); unanswered requests are forgotten
+        after :data:`PING_FORGET` seconds.
+        """
+        if self._ip is None:
+            return None
+        self._forget_pings(now)
+        self._ping_seq = seq = (self._ping_seq + 1) & 0xFFFF
+        self._pings[(dst.packed, seq)] = now
+        request = icmp.echo(self._ip, dst.packed, self._ping_ident, seq, payload)
+        self.receive_packet(request, now)
+        return seq
+
+    def _forget_pings(self, now: float) -> None:
+        pings = self._pings
+        for key in [k for k, sent in pings.items() if now - sent > PING_FORGET]:
+            del pings[key]
+        while len(pings) >= MAX_PINGS:
+            del pings[next(iter(pings))]
+
+    def _ping_answered(
+        self, packet: bytes, now: float, path: str, addr: tuple[str, int] | None
+    ) -> bool:
+        """True (and a PingReply event) if ``packet`` answers one of our echo requests."""
+        echo = icmp.parse_echo(packet)
+        if echo is None or echo.kind != icmp.ECHO_REPLY or echo.ident != self._ping_ident:
+            return False
+        sent = self._pings.pop((echo.src, echo.seq), None)
+        if sent is None:
+            return False
+        endpoint = f"{addr[0]}:{addr[1]}" if addr is not None and path != "route" else None
+        rtt = round((now - sent) * 1000, 3)
+        self._events.append(PingReply(IPv4Address(echo.src), echo.seq, rtt, path, endpoint))
+        return True
+
+    def status(self, now: float, wall: float, url: str) -> ClientStatus:
+        """A snapshot for ``candy status``: the server link, every peer, the counters."""
+        cfg = self.config
+        link = ServerLink(
+            url=url,
+            state=self._link_state,
+            since=round(wall - (now - self._link_since), 3) if self._started else wall,
+            last_error=self._last_error,
+        )
+        counters = {
+            "packets_to_server": self.stats.packets_to_server,
+            "packets_from_server": self.stats.packets_from_server,
+            "packets_dropped": self.stats.packets_dropped,
+            "reconnects": self.stats.reconnects,
+            **self.peers.counters(),
+        }
+        paths = {name: asdict(c) for name, c in self.traffic.paths.items()}
+        return ClientStatus(
+            name=cfg.name,
+            interface=cfg.interface_name,
+            address=str(self.address) if self.address else None,
+            server=link,
+            peers=self.peers.describe(now, self.traffic),
+            counters=counters,
+            paths=paths,
+        )

@@ -88,6 +88,42 @@ class PeerCipher:
             return None
 
 
+class RecentIvs:
+    """IVs seen in the last ``retention`` seconds, at most ``capacity`` (oldest forgotten first).
+
+    For low-rate messages whose replay matters long after the fact (heartbeats move a peer's
+    endpoint): a count-bounded window would forget them within a second of bulk traffic.
+    """
+
+    def __init__(self, retention: float, capacity: int) -> None:
+        if retention <= 0 or capacity < 1:
+            raise ValueError(
+                f"retention and capacity must be positive, got {retention}, {capacity}"
+            )
+        self.retention = retention
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def seen(self, iv: bytes, now: float) -> bool:
+        """True if ``iv`` was seen within the retention time; otherwise record it, False."""
+        seen = self._seen
+        limit = now - self.retention
+        while seen:
+            oldest, at = next(iter(seen.items()))
+            if at >= limit:
+                break
+            del seen[oldest]
+        if iv in seen:
+            return True
+        seen[iv] = now
+        if len(seen) > self.capacity:
+            seen.popitem(last=False)
+        return False
+
+
 class ReplayWindow:
     """Remembers the last ``size`` IVs; O(1) per check, bounded memory."""
 

@@ -73,5 +73,20 @@ class PeerStateChanged:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PingReply:
+    """An answer to :meth:`Client.ping`: how long it took and which way it came."""
+
+    ip: IPv4Address
+    seq: int
+    rtt_ms: float
+    #: "direct", "lan", "route" or "relay" (see candy_core.status.PATHS).
+    path: str
+    #: The peer's UDP endpoint ("ip:port") on a direct path, else None.
+    endpoint: str | None
+
+
 ServerEvent = ClientAuthenticated | AddressAssigned | ClientDisconnected
-ClientEvent = Connected | AddressChanged | Disconnected | Reconnecting | PeerStateChanged
+ClientEvent = (
+    Connected | AddressChanged | Disconnected | Reconnecting | PeerStateChanged | PingReply
+)

@@ -9,6 +9,7 @@ AUTH, EXPECTED, VMAC, PEER and DISCOVERY are padding and are ignored.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -30,6 +31,12 @@ BROADCAST = IPv4Address("255.255.255.255")
 
 _TS = struct.Struct(">q")
 _ADDR_PORT = struct.Struct(">4sH")
+
+#: The shortest IPv4 packet accepted: a bare header. Source address at offset 12, destination 16.
+IPV4_HEADER_SIZE = 20
+#: IP protocol number of IPv4-in-IPv4 (Candy 6.x subnet routes encapsulate with it).
+IPPROTO_IPIP = 4
+_IPV4_ADDRESSES = struct.Struct(">4s4s")
 
 
 def _need(data: bytes, size: int, name: str) -> None:
@@ -72,9 +79,27 @@ class Auth:
         return cls(_ip(data, 1), _TS.unpack_from(data, 5)[0], bytes(data[13:45]), bytes(data[45:]))
 
 
+def ipv4_endpoints(data: bytes, start: int = 0) -> tuple[bytes, bytes]:
+    """Source and destination address (4 bytes each) of the IPv4 packet at ``data[start:]``.
+
+    The one reader of packet addresses: a TUN packet (``start=0``) or the packet inside a
+    FORWARD, on the WebSocket or between peers (``start=1``, after the type byte). Raises
+    :class:`ProtocolError` when there is less than an IPv4 header or the version is not 4.
+    A Candy 6.x encapsulated packet is accepted too: its outer header has only protocol 4
+    and the two addresses filled in, the version byte left zero (PROTOCOL.md 6.2).
+    On the relay's hot path: one call, allocating only the two addresses and their tuple.
+    """
+    if len(data) < start + IPV4_HEADER_SIZE:
+        size = max(len(data) - start, 0)
+        raise ProtocolError(f"packet too short for an IPv4 header: {size} bytes, need 20")
+    if data[start] >> 4 != 4 and (data[start] != 0 or data[start + 9] != IPPROTO_IPIP):
+        raise ProtocolError(f"not an IPv4 packet: IP version {data[start] >> 4}")
+    return _IPV4_ADDRESSES.unpack_from(data, start + 12)
+
+
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """FORWARD (type 1): one raw IPv4 packet."""
+    """FORWARD (type 1): one raw IPv4 packet (at least its 20-byte header)."""
 
     packet: bytes
 
@@ -83,7 +108,10 @@ class Forward:
 
     @classmethod
     def decode(cls, data: bytes) -> Forward:
-        _need(data, 21, "FORWARD")
+        try:
+            ipv4_endpoints(data, 1)
+        except ProtocolError as exc:
+            raise ProtocolError(f"FORWARD message: {exc}") from None
         return cls(bytes(data[1:]))
 
 
@@ -267,7 +295,7 @@ class Unknown:
 
 Message = Auth | Forward | Expected | Peer | Vmac | Discovery | General | Unknown
 
-_DECODERS = {
+_DECODERS: dict[int, Callable[[bytes], Message]] = {
     AUTH: Auth.decode,
     FORWARD: Forward.decode,
     EXPECTED: Expected.decode,

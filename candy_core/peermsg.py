@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from candy_core.messages import ProtocolError
+from candy_core.errors import ProtocolError
 
 HEARTBEAT = 0
 FORWARD = 1

@@ -10,18 +10,31 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 
 from candy_core import messages as m
 from candy_core import peermsg as pm
 from candy_core import stun
 from candy_core.config import ClientConfig
-from candy_core.crypto import IV_SIZE, PeerCipher, ReplayWindow, peer_key
+from candy_core.crypto import IV_SIZE, PeerCipher, RecentIvs, ReplayWindow, peer_key
+from candy_core.errors import ProtocolError, StunError
 from candy_core.events import ClientEvent, PeerStateChanged
+from candy_core.peerstate import (
+    EXCHANGE_AFTER,
+    FORGET_ENDPOINT,
+    FORGET_LAN,
+    RETRY_MAX,
+    RETRY_MIN,
+    STUN_AFTER,
+    TIMEOUTS,
+    TRANSITIONS,
+    PeerEvent,
+    State,
+)
+from candy_core.status import Counters, PeerInfo, Traffic, endpoint_text
 
 log = logging.getLogger("candy.peers")
 
@@ -29,29 +42,29 @@ SendMessage = Callable[[bytes], bool]
 Addr = tuple[str, int]
 
 TICK = 1.0
-RETRY_MIN = 30
-RETRY_MAX = 3600
 #: Ticks between DELAY probes on a connected path (with routing on).
 DELAY_EVERY = 60
 #: Most peers tracked; more are not negotiated with (memory stays bounded).
 MAX_PEERS = 4096
-#: Sources whose IVs are remembered for replay detection, and IVs per source.
-REPLAY_SOURCES = 256
-REPLAY_WINDOW = 2048
+#: Every datagram to us is sealed under one key, K(own address), whoever sends it: the
+#: replay window is kept per key, across all source addresses (the last this many IVs).
+REPLAY_WINDOW = 8192
+#: Heartbeats (they move a peer's endpoint) are remembered this long, at most this many.
+HEARTBEAT_MEMORY = 300.0
+HEARTBEAT_MEMORY_SIZE = 16384
+#: A CONNECTED peer's endpoint moves to a new address only after the current one has been
+#: silent this long (two heartbeat intervals); NAT rebinding still recovers within seconds.
+ENDPOINT_SILENCE = 2 * 1.0
+#: A measured round trip above this is not believed (a forged or broken DELAY echo).
+MAX_DELAY_MS = 60_000
+#: Relay routes kept at most (like peers); destinations must lie inside our network.
+MAX_ROUTES = MAX_PEERS
+#: Largest delay a route may carry; one more means "withdrawn" (PROTOCOL.md 4.3).
+MAX_ROUTE_DELAY = pm.ROUTE_WITHDRAWN - 1
 _ZERO = IPv4Address(0)
-
-
-class State(Enum):
-    INIT = "INIT"
-    PREPARING = "PREPARING"
-    SYNCHRONIZING = "SYNCHRONIZING"
-    CONNECTING = "CONNECTING"
-    CONNECTED = "CONNECTED"
-    WAITING = "WAITING"
-    FAILED = "FAILED"
-
-
-_FORGETFUL = (State.INIT, State.WAITING, State.FAILED)
+#: The states in which relayed traffic matters, read from the table once: a relayed packet
+#: from a peer in any other state (every packet while its path is FAILED) costs one lookup.
+_TRAFFIC_STARTS = frozenset(s for s, e in TRANSITIONS if e is PeerEvent.SERVER_TRAFFIC)
 
 
 @dataclass(slots=True)
@@ -79,6 +92,8 @@ class _Peer:
     last_heartbeat: float | None = None
     delay_ms: int | None = None
     delay_ticks: int = 0
+    #: The reason of the last state change (why the path is what it is).
+    reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +109,10 @@ class PeerStats:
     undecryptable: int = 0
     replayed: int = 0
     forwarded_for_peers: int = 0
+    #: Heartbeats from a new address ignored while the peer's endpoint was alive.
+    endpoint_moves_refused: int = 0
+    #: DELAY echoes and ROUTE announcements with values that cannot be true, ignored.
+    implausible: int = 0
 
 
 @dataclass(slots=True)
@@ -116,7 +135,8 @@ class PeerManager:
         self._datagrams: list[tuple[bytes, Addr]] = []
         self._peers: dict[bytes, _Peer] = {}
         self._routes: dict[bytes, _Route] = {}
-        self._replay: OrderedDict[Addr, ReplayWindow] = OrderedDict()
+        self._replay = ReplayWindow(REPLAY_WINDOW)
+        self._heartbeat_ivs = RecentIvs(HEARTBEAT_MEMORY, HEARTBEAT_MEMORY_SIZE)
         self._stun = _Stun(config.stun) if config.stun else None
         self.address: IPv4Interface | None = None
         self._ip: bytes | None = None
@@ -133,7 +153,7 @@ class PeerManager:
         self._ip = address.ip.packed
         self._own_key = peer_key(self.config.password, self._ip)
         for peer in list(self._peers.values()):
-            self._set_state(peer, State.INIT, "our address changed")
+            self._fire(peer, PeerEvent.ADDRESS_CHANGED)
         self._peers.clear()
         self._routes.clear()
 
@@ -169,21 +189,91 @@ class PeerManager:
         return 0.0 if self._next_tick is None else self._next_tick
 
     # --- the hot paths ------------------------------------------------------------------
-    def send_packet(self, dst: bytes, packet: bytes, now: float) -> bool:
-        """Send ``packet`` over a routed or direct path if one is up; ``False`` otherwise."""
+    def send_packet(self, dst: bytes, packet: bytes, now: float) -> str | None:
+        """Send ``packet`` over a routed or direct path if one is up; returns which path
+        ("route", "direct" or "lan"), or None: the caller relays it through the server."""
         if not self.enabled:
-            return False
+            return None
         route = self._routes.get(dst)
-        if route is not None:
+        if route is not None and route.next != dst:
             hop = self._peers.get(route.next)
             if hop is not None and hop.state is State.CONNECTED:
                 self._seal_to(hop, b"\x01" + packet)
-                return True
+                return "route"
         peer = self._peers.get(dst)
         if peer is None or peer.state is not State.CONNECTED:
-            return False
+            return None
         self._seal_to(peer, b"\x01" + packet)
-        return True
+        return "lan" if peer.endpoint == peer.lan else "direct"
+
+    def path_from(self, src: bytes, addr: Addr) -> str:
+        """How a packet from ``src`` that arrived in a datagram from ``addr`` travelled."""
+        peer = self._peers.get(src)
+        if peer is None or peer.endpoint != addr:
+            return "route"
+        return "lan" if addr == peer.lan else "direct"
+
+    def counters(self) -> dict[str, int]:
+        """The peer-to-peer counters, by name."""
+        return asdict(self.stats)
+
+    def describe(self, now: float, traffic: Traffic) -> list[PeerInfo]:
+        """Every peer (known to the state machine or seen in traffic) for ``candy status``."""
+        result = []
+        seen = set()
+        for ip, peer in self._peers.items():
+            seen.add(ip)
+            route = self._routes.get(ip)
+            via = route.next if route is not None and route.next != ip else None
+            hop = self._peers.get(via) if via is not None else None
+            if hop is not None and hop.state is State.CONNECTED:
+                path = "route"
+            elif peer.state is State.CONNECTED:
+                path = "lan" if peer.endpoint == peer.lan else "direct"
+                via = None
+            else:
+                path, via = "relay", None
+            result.append(self._info(ip, peer.state.value, path, peer, via, now, traffic))
+        for ip in traffic.peers:
+            if ip not in seen:
+                state = "NONE" if not self.enabled else State.INIT.value
+                result.append(self._info(ip, state, "relay", None, None, now, traffic))
+        return sorted(result, key=lambda info: IPv4Address(info.ip))
+
+    def _info(
+        self,
+        ip: bytes,
+        state: str,
+        path: str,
+        peer: _Peer | None,
+        via: bytes | None,
+        now: float,
+        traffic: Traffic,
+    ) -> PeerInfo:
+        counters = traffic.peers.get(ip) or Counters()
+        if path in ("direct", "lan", "route"):
+            reason = None
+        elif not self.enabled:
+            reason = "peer-to-peer is off (no STUN server configured)"
+        elif peer is None or peer.reason is None:
+            reason = "no direct path negotiated yet"
+        else:
+            reason = peer.reason
+        heard = peer.last_heartbeat if peer is not None else None
+        return PeerInfo(
+            ip=str(IPv4Address(ip)),
+            state=state,
+            path=path,
+            endpoint=endpoint_text(peer.endpoint) if peer is not None and path != "relay" else None,
+            via=str(IPv4Address(via)) if via is not None else None,
+            rtt_ms=peer.delay_ms if peer is not None else None,
+            last_heartbeat_s=round(now - heard, 3) if heard is not None else None,
+            tx_bytes=counters.tx_bytes,
+            rx_bytes=counters.rx_bytes,
+            tx_packets=counters.tx_packets,
+            rx_packets=counters.rx_packets,
+            reason=reason,
+        )
 
     def _seal_to(self, peer: _Peer, plaintext: bytes, addr: Addr | None = None) -> None:
         target = addr or peer.endpoint
@@ -203,17 +293,20 @@ class PeerManager:
         if plain is None or not plain:
             self.stats.undecryptable += 1
             return []
-        if self._is_replay(addr, data[:IV_SIZE]):
+        iv = data[:IV_SIZE]
+        kind = plain[0]
+        if self._replay.seen(iv) or (kind == pm.HEARTBEAT and self._heartbeat_ivs.seen(iv, now)):
             self.stats.replayed += 1
             return []
         self.stats.datagrams_received += 1
-        kind = plain[0]
         if kind == pm.FORWARD:
-            if len(plain) < 21 or plain[1] >> 4 != 4:
+            try:
+                _, dst = m.ipv4_endpoints(plain, 1)
+            except ProtocolError:
                 return []
-            if plain[17:21] == self._ip:
+            if dst == self._ip:
                 return [plain[1:]]
-            self._forward_for_peer(plain)
+            self._forward_for_peer(plain, dst)
             return []
         try:
             if kind == pm.HEARTBEAT:
@@ -222,23 +315,13 @@ class PeerManager:
                 self._delay(pm.Delay.decode(plain), addr, now)
             elif kind == pm.ROUTE:
                 self._route(pm.Route.decode(plain), addr)
-        except m.ProtocolError as exc:
+        except ProtocolError as exc:
             log.debug("ignoring a malformed peer message from %s: %s", addr, exc)
         return []
 
-    def _is_replay(self, addr: Addr, iv: bytes) -> bool:
-        windows = self._replay
-        window = windows.get(addr)
-        if window is None:
-            window = windows[addr] = ReplayWindow(REPLAY_WINDOW)
-            if len(windows) > REPLAY_SOURCES:
-                windows.popitem(last=False)
-        return window.seen(iv)
-
-    def _forward_for_peer(self, plain: bytes) -> None:
+    def _forward_for_peer(self, plain: bytes, dst: bytes) -> None:
         if self.config.route <= 0:
             return
-        dst = plain[17:21]
         route = self._routes.get(dst)
         hop = self._peers.get(route.next if route else dst)
         if hop is not None and hop.state is State.CONNECTED:
@@ -250,8 +333,11 @@ class PeerManager:
         if not self.enabled:
             return
         peer = self._peers.get(src)
-        if peer is None or peer.state is State.INIT:
-            self._begin(src, "traffic through the server")
+        if peer is not None and peer.state not in _TRAFFIC_STARTS:
+            return
+        peer = self._peer(src)
+        if peer is not None and self._fire(peer, PeerEvent.SERVER_TRAFFIC):
+            self._send_lan_endpoint(peer)
 
     # --- WebSocket messages -------------------------------------------------------------
     def receive_message(self, msg: m.Peer | m.Discovery | m.General, now: float) -> None:
@@ -266,9 +352,9 @@ class PeerManager:
         if isinstance(msg, m.Discovery):
             if msg.dst == m.BROADCAST:
                 self._send_message(m.Discovery(IPv4Address(self._ip), msg.src).encode())
-            peer = self._peers.get(src)
-            if peer is None or peer.state is State.INIT:
-                self._begin(src, "discovery")
+            peer = self._peer(src)
+            if peer is not None and self._fire(peer, PeerEvent.DISCOVERY):
+                self._send_lan_endpoint(peer)
         elif isinstance(msg, m.Peer):
             self._peer_endpoint(src, (str(msg.ip), msg.port))
         else:
@@ -284,14 +370,6 @@ class PeerManager:
             peer = self._peers[ip] = _Peer(ip, peer_key(self.config.password, ip))
         return peer
 
-    def _begin(self, ip: bytes, reason: str) -> None:
-        """INIT → PREPARING, announcing our LAN endpoint."""
-        peer = self._peer(ip)
-        if peer is None:
-            return
-        self._set_state(peer, State.PREPARING, reason)
-        self._send_lan_endpoint(peer)
-
     def _send_lan_endpoint(self, peer: _Peer) -> None:
         lan = self.config.localhost
         if not lan or not self.local_port or self._ip is None:
@@ -305,14 +383,9 @@ class PeerManager:
         peer = self._peer(ip)
         if peer is None:
             return
-        if peer.state is State.SYNCHRONIZING:
-            peer.endpoint = endpoint
-            self._set_state(peer, State.CONNECTING, "received the peer's public endpoint")
-        elif peer.state is State.CONNECTING:
-            if peer.endpoint is None:
-                peer.endpoint = endpoint
-        else:
-            self._set_state(peer, State.PREPARING, "received the peer's public endpoint")
+        connecting = peer.state is State.CONNECTING
+        self._fire(peer, PeerEvent.PEER_PUBLIC_ENDPOINT)
+        if not connecting or peer.endpoint is None:  # CONNECTING keeps what a heartbeat showed
             peer.endpoint = endpoint
 
     def _lan_endpoint(self, ip: bytes, endpoint: Addr) -> None:
@@ -320,8 +393,7 @@ class PeerManager:
         if peer is None:
             return
         peer.lan = endpoint
-        if peer.state in (State.INIT, State.FAILED):
-            self._set_state(peer, State.PREPARING, "received the peer's LAN endpoint")
+        if self._fire(peer, PeerEvent.PEER_LAN_ENDPOINT):
             self._send_lan_endpoint(peer)
         if peer.state in (State.PREPARING, State.CONNECTING):
             self._seal_to(peer, self._heartbeat_bytes(peer), endpoint)
@@ -334,24 +406,31 @@ class PeerManager:
 
     def _heartbeat(self, hb: pm.Heartbeat, addr: Addr, now: float) -> None:
         peer = self._peers.get(hb.tun.packed)
-        if peer is None or peer.state not in (State.PREPARING, State.CONNECTING, State.CONNECTED):
+        if peer is None:
+            return
+        if (
+            addr != peer.endpoint
+            and peer.state is State.CONNECTED
+            and peer.last_heartbeat is not None
+            and now - peer.last_heartbeat < ENDPOINT_SILENCE
+        ):
+            self.stats.endpoint_moves_refused += 1  # the current endpoint is alive: stay
+            return
+        was = peer.state
+        if not self._fire(peer, PeerEvent.HEARTBEAT, host=addr[0], port=addr[1]):
             return
         peer.endpoint = addr
         peer.last_heartbeat = now
         first = not peer.ack
         peer.ack = True
-        if peer.state is State.PREPARING:
-            self._set_state(peer, State.CONNECTING, f"heartbeat from {addr[0]}:{addr[1]}")
-            self._seal_to(peer, self._heartbeat_bytes(peer))
-        elif first and peer.state is State.CONNECTING:
-            self._seal_to(peer, self._heartbeat_bytes(peer))
+        if peer.state is State.CONNECTING and (first or was is not State.CONNECTING):
+            self._seal_to(peer, self._heartbeat_bytes(peer))  # answer the first heartbeat
         if hb.ack:
-            if peer.state is State.CONNECTING:
-                self._set_state(peer, State.CONNECTED, f"heartbeat acknowledged by {addr[0]}")
-                if self.config.route > 0:  # PROTOCOL.md 4.4: measure the delay on entry
-                    self._send_delay(peer, now)
-            else:
-                peer.count = 0
+            was = peer.state
+            self._fire(peer, PeerEvent.HEARTBEAT_ACK, host=addr[0])
+            entered = peer.state is State.CONNECTED and was is not State.CONNECTED
+            if entered and self.config.route > 0:
+                self._send_delay(peer, now)  # PROTOCOL.md 4.4: measure the delay on entry
 
     def _delay(self, msg: pm.Delay, addr: Addr, now: float) -> None:
         if msg.dst.packed == self._ip:  # a probe from a peer: echo it unchanged, in any state
@@ -362,7 +441,11 @@ class PeerManager:
             peer = self._peers.get(msg.dst.packed)
             if peer is None or peer.state is not State.CONNECTED:
                 return
-            rtt = max(0, int(now * 1000) - msg.timestamp_ms)
+            rtt = int(now * 1000) - msg.timestamp_ms
+            if not 0 <= rtt <= MAX_DELAY_MS:
+                log.debug("ignoring a DELAY echo from %s with a round trip of %d ms", addr, rtt)
+                self.stats.implausible += 1
+                return
             peer.delay_ms = rtt
             self._update_route(peer.ip, peer.ip, rtt, announce=True)
 
@@ -377,17 +460,32 @@ class PeerManager:
             if current is not None and current.next == via:
                 del self._routes[dst]
             return
+        if not 0 <= msg.delay <= MAX_ROUTE_DELAY or not self._routable(dst):
+            self.stats.implausible += 1
+            return
         direct = self._routes.get(via)
         if direct is None or direct.next != via:
             return
+        if current is None and len(self._routes) >= MAX_ROUTES:
+            self.stats.implausible += 1  # table full: bounded like the peer table
+            return
         self._update_route(dst, via, direct.delay + msg.delay, announce=False)
 
+    def _routable(self, dst: bytes) -> bool:
+        """Whether ``dst`` can be a member: inside our network, not its network or broadcast."""
+        net = self.address.network if self.address is not None else None
+        if net is None:
+            return False
+        ip = IPv4Address(dst)
+        return ip in net and ip != net.network_address and ip != net.broadcast_address
+
     def _update_route(self, dst: bytes, via: bytes, delay: int, announce: bool) -> None:
+        delay = min(delay, MAX_ROUTE_DELAY)
         current = self._routes.get(dst)
         if current is None or current.next == via or delay < current.delay:
             self._routes[dst] = _Route(via, delay)
         if announce and self.config.route > 0:
-            self._announce(dst, delay + self.config.route)
+            self._announce(dst, min(delay + self.config.route, MAX_ROUTE_DELAY))
 
     def _announce(self, dst: bytes, delay: int) -> None:
         msg = pm.Route(IPv4Address(dst), IPv4Address(self._ip), delay).encode()
@@ -409,9 +507,9 @@ class PeerManager:
         try:
             tid = bytes(data[8:20])
             if tid not in self._stun.tids:
-                raise stun.StunError("unknown transaction id")
+                raise StunError("unknown transaction id")
             public = stun.parse_binding_response(data, tid)
-        except stun.StunError as exc:
+        except StunError as exc:
             log.debug("ignoring a STUN answer: %s", exc)
             return
         if public != self._stun.public:
@@ -419,14 +517,14 @@ class PeerManager:
         self._stun.public = public
         ip, port = public
         for peer in list(self._peers.values()):
-            if peer.state is not State.PREPARING or peer.count <= 2:
+            if peer.state is not State.PREPARING or peer.count <= EXCHANGE_AFTER:
                 continue
             msg = m.Peer(IPv4Address(self._ip), IPv4Address(peer.ip), IPv4Address(ip), port)
             self._send_message(msg.encode())
             if peer.endpoint is not None:
-                self._set_state(peer, State.CONNECTING, "sent our public endpoint")
+                self._fire(peer, PeerEvent.SENT_PUBLIC_ENDPOINT_KNOWING_THEIRS)
             else:
-                self._set_state(peer, State.SYNCHRONIZING, "sent our public endpoint")
+                self._fire(peer, PeerEvent.SENT_PUBLIC_ENDPOINT)
 
     # --- the 1-second tick --------------------------------------------------------------
     def handle_timer(self, now: float) -> None:
@@ -451,28 +549,20 @@ class PeerManager:
         for peer in list(self._peers.values()):
             peer.count += 1
             state = peer.state
+            timeout = TIMEOUTS.get(state)
+            if timeout is not None and peer.count > timeout[0]:
+                self._fire(peer, timeout[1])
+                continue
             if state is State.PREPARING:
-                if peer.count > 10:
-                    self._set_state(peer, State.FAILED, "STUN timeout")
-                    continue
-                need_stun = need_stun or peer.count > 1
+                need_stun = need_stun or peer.count > STUN_AFTER
                 if peer.lan is not None:
                     self._seal_to(peer, self._heartbeat_bytes(peer), peer.lan)
-            elif state is State.SYNCHRONIZING:
-                if peer.count > 10:
-                    self._set_state(peer, State.FAILED, "no public endpoint from the peer")
             elif state is State.CONNECTING:
-                if peer.count > 10:
-                    self._set_state(peer, State.WAITING, "no answer to heartbeats for 10 s")
-                    continue
                 beat = self._heartbeat_bytes(peer)
                 self._seal_to(peer, beat)
                 if peer.lan is not None and peer.lan != peer.endpoint:
                     self._seal_to(peer, beat, peer.lan)
             elif state is State.CONNECTED:
-                if peer.count > 3:
-                    self._set_state(peer, State.INIT, "no heartbeat for 3 s")
-                    continue
                 self._seal_to(peer, self._heartbeat_bytes(peer))
                 if self.config.route > 0:
                     peer.delay_ticks += 1
@@ -480,7 +570,7 @@ class PeerManager:
                         self._send_delay(peer, now)
             elif state is State.WAITING and peer.count >= peer.retry:
                 peer.retry = min(peer.retry * 2, RETRY_MAX)
-                self._set_state(peer, State.INIT, "retrying after back-off")
+                self._fire(peer, PeerEvent.RETRY)
         if need_stun and self._stun is not None:
             self._send_stun()
 
@@ -489,26 +579,34 @@ class PeerManager:
         msg = pm.Delay(IPv4Address(self._ip), IPv4Address(peer.ip), int(now * 1000))
         self._seal_to(peer, msg.encode())
 
-    # --- state changes ------------------------------------------------------------------
-    def _set_state(self, peer: _Peer, new: State, reason: str) -> None:
+    # --- state changes (the table is in peerstate.py) -----------------------------------
+    def _fire(self, peer: _Peer, event: PeerEvent, **details: object) -> bool:
+        """Apply ``event`` to ``peer`` as TRANSITIONS says; ``False`` if it is ignored there."""
+        rule = TRANSITIONS.get((peer.state, event))
+        if rule is None:
+            return False
+        new, reason = rule
+        if reason is None:  # STAY: accepted, nothing changes
+            return True
         old = peer.state
         peer.count = 0
-        if new in _FORGETFUL:
+        if new in FORGET_ENDPOINT:
             peer.endpoint = None
             peer.ack = False
-            if new is not State.WAITING:
+            if new in FORGET_LAN:
                 peer.lan = None
         if old is new:
-            return
+            return True
         peer.state = new
-        ip = IPv4Address(peer.ip)
-        self._events.append(PeerStateChanged(ip, old.value, new.value, reason))
+        peer.reason = text = reason.format(**details)
+        self._events.append(PeerStateChanged(IPv4Address(peer.ip), old.value, new.value, text))
         if new is State.CONNECTED:
             peer.retry = RETRY_MIN
             peer.delay_ticks = 0  # the first DELAY goes out on entry (see _heartbeat)
         elif old is State.CONNECTED:
             peer.delay_ms = None
             self._withdraw(peer.ip)
+        return True
 
     def _withdraw(self, via: bytes) -> None:
         """``via`` left CONNECTED: drop every route through it and tell the others."""

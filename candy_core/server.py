@@ -15,13 +15,16 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Interface
+from typing import Any
 
 from candy_core import messages as m
 from candy_core.addressing import BROADCAST, AddressPool, is_multicast
 from candy_core.auth import ReplayGuard, within_window
 from candy_core.config import ServerConfig
+from candy_core.errors import ProtocolError
 from candy_core.events import AddressAssigned, ClientAuthenticated, ClientDisconnected, ServerEvent
 from candy_core.limits import SourceLimiter, source_of
+from candy_core.status import ClientInfo, ServerStatus
 from candy_core.upgrade import ServerUpgrade
 from candy_core.wsframe import (
     CLOSE_GOING_AWAY,
@@ -68,6 +71,10 @@ class _Connection:
     paused: bool = False
     backlog: deque[bytes] = field(default_factory=deque)
     dropped: int = 0
+    #: Frames from this connection that were dropped (malformed, spoofed, unroutable).
+    refused_frames: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
     warned: set[str] = field(default_factory=set)
     #: Counted by the limiter until it authenticates or ends; ``failed``: it broke a rule.
     pending: bool = True
@@ -76,6 +83,20 @@ class _Connection:
     def label(self) -> str:
         ip = f" {IPv4Address(self.ip)}" if self.ip else ""
         return f"{self.peer}{ip}"
+
+
+#: Short labels for the reasons a connection is closed (metrics and ``candy status``).
+REJECTIONS = {
+    "wrong password": "wrong_password",
+    "clock skew": "clock_skew",
+    "replayed handshake": "replay",
+    "authentication timeout": "timeout",
+    "malformed handshake": "malformed",
+    "idle timeout": "idle",
+    "no free address": "no_address",
+    "this server assigns no addresses": "no_dhcp",
+    "http": "http",
+}
 
 
 @dataclass(slots=True)
@@ -90,6 +111,11 @@ class ServerStats:
     rejected: int = 0
     #: Connections refused at once by the per-source limits (floods).
     refused: int = 0
+    #: Connections closed for breaking a rule, by reason (the labels of :data:`REJECTIONS`).
+    rejections: dict[str, int] = field(default_factory=dict)
+    #: Bytes read from and written to all connections.
+    rx_bytes: int = 0
+    tx_bytes: int = 0
 
 
 class RelayServer:
@@ -110,6 +136,7 @@ class RelayServer:
         self._next_sweep: float | None = None
         self._limiter = SourceLimiter(config.limits)
         self._refused_since_log = 0
+        self._refused_reason = ""
         self._refused_log_at = float("-inf")
         self.stats = ServerStats()
 
@@ -159,10 +186,15 @@ class RelayServer:
         if not self._dirty:
             return []
         result = []
+        sent = 0
         for cid, conn in self._dirty.items():
             if conn.out:
-                result.append((cid, b"".join(conn.out)))
+                data = b"".join(conn.out)
                 conn.out.clear()
+                conn.tx_bytes += len(data)
+                sent += len(data)
+                result.append((cid, data))
+        self.stats.tx_bytes += sent
         self._dirty.clear()
         return result
 
@@ -208,7 +240,39 @@ class RelayServer:
                 # relayed traffic stays silent, so ask it for a PONG (5.6 clients answer).
                 conn.last_ping = now
                 self._send_raw(conn, encode_frame(OP_PING, b"candy"))
+        if self._refused_since_log and now - self._refused_log_at >= 1.0:
+            self._log_refusals(now)
         self._next_sweep = now + SWEEP_INTERVAL if self._conns else None
+
+    def status(self, now: float, wall: float) -> ServerStatus:
+        """A snapshot for ``candy status --server``: every authenticated client, the counters."""
+        clients = [
+            ClientInfo(
+                ip=str(IPv4Address(ip)),
+                vmac=conn.vmac.decode("ascii", "replace") if conn.vmac else None,
+                remote=conn.peer,
+                since=round(wall - (now - conn.opened), 3),
+                tx_bytes=conn.tx_bytes,
+                rx_bytes=conn.rx_bytes,
+                frames_dropped=conn.refused_frames + conn.dropped,
+                backlog=len(conn.backlog) // 2,
+            )
+            for ip, conn in sorted(self._by_ip.items())
+        ]
+        stats = self.stats
+        counters: dict[str, Any] = {
+            "connections": stats.connections,
+            "open_connections": len(self._conns),
+            "authenticated": stats.authenticated,
+            "rejected": dict(stats.rejections),
+            "refused": stats.refused,
+            "frames_relayed": stats.frames_relayed,
+            "frames_dropped": stats.frames_dropped,
+            "backlog_dropped": stats.backlog_dropped,
+            "rx_bytes": stats.rx_bytes,
+            "tx_bytes": stats.tx_bytes,
+        }
+        return ServerStatus(clients=clients, counters=counters)
 
     @property
     def clients(self) -> dict[IPv4Address, Hashable]:
@@ -222,17 +286,20 @@ class RelayServer:
         if conn is None or conn.phase is Phase.CLOSED or not data:
             return
         conn.last_seen = now
+        conn.rx_bytes += len(data)
+        self.stats.rx_bytes += len(data)
         if conn.phase is Phase.UPGRADING:
             data = self._upgrade(conn, data)
             if not data:
                 return
+        assert conn.parser is not None  # made when the upgrade completed (phase OPEN)
         try:
-            frames = conn.parser.feed(data)  # type: ignore[union-attr]
+            frames = conn.parser.feed(data)
         except FrameError as exc:
             self._reject(conn, exc.code, str(exc), str(exc))
             return
         for frame in frames:
-            if conn.phase is Phase.CLOSED:
+            if conn.phase is not Phase.OPEN:  # handling a frame may have closed it
                 return
             if frame.opcode == OP_BINARY:
                 payload = frame.payload
@@ -244,12 +311,13 @@ class RelayServer:
                 self._control(conn, frame.opcode, frame.payload)
 
     def _upgrade(self, conn: _Connection, data: bytes) -> bytes:
-        result = conn.upgrade.receive(data)  # type: ignore[union-attr]
+        assert conn.upgrade is not None  # kept until the upgrade completes
+        result = conn.upgrade.receive(data)
         if result.reply:
             self._send_raw(conn, result.reply)
         if result.rejected:
             log.info("%s: rejected HTTP request: %s", conn.peer, result.rejected)
-            self.stats.rejected += 1
+            self._count_rejection("http")
             conn.failed = True
             self._close(conn, f"HTTP request rejected: {result.rejected}")
             return b""
@@ -276,13 +344,14 @@ class RelayServer:
         if src_ip is None:
             self._drop_frame(conn, "unauthenticated", "FORWARD before AUTH dropped")
             return
-        if len(payload) < 21:
-            self._drop_frame(conn, "short", "FORWARD shorter than an IPv4 header dropped")
+        try:
+            src, dst = m.ipv4_endpoints(payload, 1)
+        except ProtocolError as exc:
+            self._drop_frame(conn, "malformed1", f"FORWARD dropped: {exc}")
             return
-        if payload[13:17] != src_ip:
+        if src != src_ip:
             self._drop_frame(conn, "spoofed", "FORWARD with a spoofed source address dropped")
             return
-        dst = payload[17:21]
         target = self._by_ip.get(dst)
         if target is not None:
             if target is not conn:
@@ -292,6 +361,7 @@ class RelayServer:
             self._to_all_but(conn, payload)
         else:
             self.stats.frames_dropped += 1
+            conn.refused_frames += 1
 
     def _queue(self, target: _Connection, header: bytes, payload: bytes) -> None:
         if target.paused:
@@ -328,7 +398,7 @@ class RelayServer:
             return
         try:
             msg = m.decode(payload)
-        except m.ProtocolError as exc:
+        except ProtocolError as exc:
             if payload[0] in (m.AUTH, m.EXPECTED, m.VMAC):
                 self._reject(conn, CLOSE_POLICY, "malformed handshake", str(exc))
             else:
@@ -470,18 +540,30 @@ class RelayServer:
             self.stats.frames_relayed += 1
         else:
             self.stats.frames_dropped += 1
+            conn.refused_frames += 1
 
     # --- helpers ------------------------------------------------------------------------
     def _refuse(self, cid: Hashable, reason: str, now: float) -> None:
         self.stats.refused += 1
         self._closing.append(cid)
         self._refused_since_log += 1
+        self._refused_reason = reason
         if now - self._refused_log_at >= 1.0:  # one line a second at most, however hard the flood
-            log.warning(
-                "refused %d connection(s) in the last second: %s", self._refused_since_log, reason
-            )
-            self._refused_since_log = 0
-            self._refused_log_at = now
+            self._log_refusals(now)
+
+    def _count_rejection(self, label: str) -> None:
+        self.stats.rejected += 1
+        rejections = self.stats.rejections
+        rejections[label] = rejections.get(label, 0) + 1
+
+    def _log_refusals(self, now: float) -> None:
+        log.warning(
+            "refused %d connection(s) in the last second: %s",
+            self._refused_since_log,
+            self._refused_reason,
+        )
+        self._refused_since_log = 0
+        self._refused_log_at = now
 
     def _settle(self, conn: _Connection, now: float) -> None:
         if conn.pending:
@@ -499,6 +581,7 @@ class RelayServer:
 
     def _drop_frame(self, conn: _Connection, key: str, text: str) -> None:
         self.stats.frames_dropped += 1
+        conn.refused_frames += 1
         self._warn_once(conn, key, text)
 
     def _reject(
@@ -511,7 +594,7 @@ class RelayServer:
             conn.failed = True  # a broken handshake: its source pays for it
         if not quiet:
             log.warning("%s: closing: %s (%s)", conn.label(), reason, detail)
-            self.stats.rejected += 1
+            self._count_rejection(REJECTIONS.get(reason, "protocol"))
         if conn.phase is Phase.OPEN:
             # A closing connection gets its close frame even when its queue is paused.
             self._send_raw(conn, encode_frame(OP_CLOSE, close_payload(code, reason)))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import h11
 from wsproto.utilities import generate_accept_token
 
-from candy_core.messages import ProtocolError
+from candy_core.errors import ProtocolError
 
 #: Most bytes of HTTP request/response head we accept before giving up on a peer.
 MAX_HEAD = 16384

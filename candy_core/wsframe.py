@@ -12,14 +12,15 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from candy_core.errors import CLOSE_PROTOCOL_ERROR as CLOSE_PROTOCOL_ERROR
+from candy_core.errors import FrameError as FrameError
+from candy_core.errors import ProtocolError as ProtocolError
+
+_c_apply_mask: Callable[[bytes, bytes], bytes] | None
 try:  # the websockets package ships a small C routine for exactly this
     from websockets.speedups import apply_mask as _c_apply_mask
 except ImportError:  # pragma: no cover - exercised when websockets lacks its extension
     _c_apply_mask = None
-
-from candy_core.errors import CLOSE_PROTOCOL_ERROR as CLOSE_PROTOCOL_ERROR
-from candy_core.errors import FrameError as FrameError
-from candy_core.errors import ProtocolError as ProtocolError
 
 OP_CONT = 0x0
 OP_TEXT = 0x1

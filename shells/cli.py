@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import TextIO
 
-from shells.settings import DaemonSettings, SettingsError, candy_version, parse_args
+from candy_core import ConfigError
+from shells.settings import DaemonSettings, candy_version, parse_args
 
 __all__ = ["configure_logging", "main"]
 
@@ -70,10 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``candy`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     if argv is None:
         argv = sys.argv[1:]
+    if argv and argv[0] in ("status", "ping"):  # candy status|ping: ask a running daemon
+        from shells import ctl
+
+        try:
+            return ctl.main(argv)
+        except KeyboardInterrupt:
+            return 130
     try:
         try:
             settings = parse_args(argv)
-        except SettingsError as exc:
+        except ConfigError as exc:  # SettingsError, or a value the core config refused
             _error(str(exc))
             return 2
         except SystemExit as exc:  # --help, --version, or argparse's own usage error

@@ -12,8 +12,19 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from candy_core import events as ev
-from candy_core.config import ClientConfig
+from candy_core import (
+    AddressAssigned,
+    AddressChanged,
+    ClientAuthenticated,
+    ClientConfig,
+    ClientDisconnected,
+    ClientEvent,
+    Connected,
+    Disconnected,
+    PeerStateChanged,
+    PingReply,
+    Reconnecting,
+)
 
 if TYPE_CHECKING:
     from shells.settings import DaemonSettings
@@ -26,6 +37,11 @@ monotonic = time.monotonic
 wall = time.time
 #: Longest a client waits for the server's TCP (and TLS) connection, on every runtime.
 CONNECT_TIMEOUT = 10.0
+#: Connections the kernel may hold for a relay until it accepts them (the system caps it at
+#: net.core.somaxconn). When this accept queue is full the kernel drops new SYNs, an honest
+#: client's too, and that client retries only after 1 s, then 3 s: asyncio's default of 100
+#: fills in 50 ms of a 2000/s connection flood whenever the relay is busy or descheduled.
+LISTEN_BACKLOG = 4096
 
 #: ``getaddrinfo(host, port, family, type)``: the stdlib's, or a runtime's own (gevent's
 #: cooperative one), so that resolving a name never blocks the runtime.
@@ -73,9 +89,12 @@ def system_rng() -> random.Random:
     return random.SystemRandom()
 
 
+# The contexts are made of ``ssl_module.SSLContext`` rather than by its create_default_context:
+# gevent.ssl's is the stdlib function itself, which returns a stdlib context whose sockets
+# block the whole hub (no monkey-patching here). Settings as create_default_context's.
 def server_ssl_context(cert: str, key: str, ssl_module: ModuleType = ssl) -> ssl.SSLContext:
     """TLS context for a ``wss://`` listener (``ssl_module``: ``gevent.ssl`` for gevent)."""
-    ctx = ssl_module.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx = ssl_module.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     return ctx
 
@@ -84,7 +103,11 @@ def client_ssl_context(
     verify: bool = True, ca_file: str | None = None, ssl_module: ModuleType = ssl
 ) -> ssl.SSLContext:
     """TLS context for a ``wss://`` client: verifies certificate and host name by default."""
-    ctx = ssl_module.create_default_context(cafile=ca_file)
+    ctx = ssl_module.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    else:
+        ctx.load_default_certs()
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -94,22 +117,25 @@ def client_ssl_context(
 def describe(event: object) -> str:
     """A one-line, human readable form of a core event."""
     match event:
-        case ev.ClientAuthenticated(cid, ip):
+        case ClientAuthenticated(cid, ip):
             return f"client {cid} authenticated as {ip}"
-        case ev.AddressAssigned(cid, address):
+        case AddressAssigned(cid, address):
             return f"assigned {address} to client {cid}"
-        case ev.ClientDisconnected(cid, ip, reason):
+        case ClientDisconnected(cid, ip, reason):
             return f"client {cid}{f' ({ip})' if ip else ''} disconnected: {reason}"
-        case ev.Connected(address):
+        case Connected(address):
             return f"joined the network as {address}"
-        case ev.AddressChanged(address):
+        case AddressChanged(address):
             return f"virtual address is {address}"
-        case ev.Disconnected(reason):
+        case Disconnected(reason):
             return f"disconnected from the server: {reason}"
-        case ev.Reconnecting(delay, attempt):
+        case Reconnecting(delay, attempt):
             return f"reconnecting in {delay:.1f} s (attempt {attempt})"
-        case ev.PeerStateChanged(ip, old, new, reason):
+        case PeerStateChanged(ip, old, new, reason):
             return f"peer {ip}: {old} -> {new} ({reason})"
+        case PingReply(ip, seq, rtt_ms, path, endpoint):
+            where = f" {endpoint}" if endpoint else ""
+            return f"ping reply from {ip} (seq {seq}) via {path}{where} in {rtt_ms} ms"
     return repr(event)
 
 
@@ -141,7 +167,7 @@ def client_config_for_run(
     getaddrinfo: Resolver | None = None,
 ) -> ClientConfig:
     """Resolve what the core needs as addresses: the STUN server and our LAN address."""
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if stun_host:
         port = stun_port or 3478
         try:
@@ -152,7 +178,7 @@ def client_config_for_run(
         lan = detect_lan_address(config.host, config.port, getaddrinfo)
         if lan:
             changes["localhost"] = lan
-    return dataclasses.replace(config, **changes) if changes else config  # type: ignore[arg-type]
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 class Flag(Protocol):
@@ -164,15 +190,15 @@ class Flag(Protocol):
 
 
 def track_joined(
-    joined: Callable[[], bool], flag: Flag, user: Callable[[Any], None] | None
-) -> Callable[[object], None]:
+    joined: Callable[[], bool], flag: Flag, user: Callable[[ClientEvent], None] | None
+) -> Callable[[ClientEvent], None]:
     """A client's event handler: keeps ``flag`` set while ``joined()``, then calls ``user``.
 
     ``joined`` is the pump's view (updated before the handler runs); a shell's
     ``wait_connected()`` waits on ``flag``.
     """
 
-    def handler(event: object) -> None:
+    def handler(event: ClientEvent) -> None:
         if joined():
             flag.set()
         else:

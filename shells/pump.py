@@ -10,12 +10,21 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import TypeVar
 
-from candy_core.client import Client as ClientCore
-from candy_core.config import ClientConfig
-from candy_core.drain import drain_client, drain_server
-from candy_core.events import AddressChanged, ClientEvent, Connected, Disconnected, ServerEvent
-from candy_core.server import RelayServer
+from candy_core import (
+    AddressChanged,
+    ClientConfig,
+    ClientEvent,
+    Connected,
+    Disconnected,
+    PingReply,
+    RelayServer,
+    ServerEvent,
+    drain_client,
+    drain_server,
+)
+from candy_core import Client as ClientCore
 from shells.common import Resolver, client_config_for_run, describe, system_rng
 from shells.state import StateStore
 from shells.tun import TunDevice
@@ -26,7 +35,10 @@ log = logging.getLogger("candy")
 PACKET_QUEUE = 4096
 
 
-def _call_handler(handler: Callable[[object], None] | None, event: object) -> None:
+_Event = TypeVar("_Event", ClientEvent, ServerEvent)
+
+
+def _call_handler(handler: Callable[[_Event], None] | None, event: _Event) -> None:
     if handler is None:
         return
     try:
@@ -62,7 +74,7 @@ class ServerPump:
         core: RelayServer,
         write: Callable[[Hashable, bytes], None],
         close: Callable[[Hashable], None],
-        on_event: Callable[[object], None] | None = None,
+        on_event: Callable[[ServerEvent], None] | None = None,
     ) -> None:
         self.core = core
         self.write_connection = write
@@ -94,7 +106,7 @@ class ClientPump:
         tun: bool,
         state_dir: str | None,
         stun: tuple[str | None, int | None] = (None, None),
-        on_event: Callable[[object], None] | None = None,
+        on_event: Callable[[ClientEvent], None] | None = None,
         getaddrinfo: Resolver | None = None,
     ) -> None:
         # Resolves names (with ``getaddrinfo``: the runtime's resolver, default the stdlib's),
@@ -116,6 +128,8 @@ class ClientPump:
         )
         self.open_connection: Callable[[], None] = lambda: None
         self.packets_ready: Callable[[], None] = lambda: None
+        #: Hands each :class:`PingReply` to the shell's waiting ``ping()``.
+        self.ping_replied: Callable[[PingReply], None] = lambda reply: None
 
     def flush(self) -> float | None:
         """Carry out everything the core produced; returns its next deadline."""
@@ -138,6 +152,11 @@ class ClientPump:
 
     def handle_event(self, event: ClientEvent) -> None:
         """Log ``event``, configure TUN and save the address it names, then pass it on."""
+        if isinstance(event, PingReply):
+            log.debug("%s", describe(event))
+            self.ping_replied(event)
+            _call_handler(self.on_event, event)
+            return
         log.info("%s", describe(event))
         if isinstance(event, AddressChanged):
             if self.tun is not None:

@@ -1,10 +1,11 @@
 """Command line and config file of the ``candy`` daemon, turned into one frozen value.
 
 :func:`parse_args` reads the reference implementation's flags and libconfig keys
-(PROTOCOL.md section 5) plus this project's own (``--runtime``, TLS, state directory),
-validates every value and returns a :class:`DaemonSettings`. Any bad value raises
-:class:`SettingsError` with one human-readable line naming the flag (or the config
-file and key) and the reason. Nothing here opens sockets or resolves host names.
+(PROTOCOL.md section 5) plus this project's own (``--runtime``, TLS, state directory)
+and returns a :class:`DaemonSettings`. It parses strings (URLs, addresses, numbers) and
+reads files; the rules a value must follow live in :mod:`candy_core.config`. Any bad
+value raises :class:`SettingsError` with one human-readable line naming the flag (or the
+config file and key) and the reason. Nothing here opens sockets or resolves host names.
 """
 
 from __future__ import annotations
@@ -13,15 +14,23 @@ import argparse
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import libconf
 
-from candy_core.config import ClientConfig, ConfigError, ServerConfig, parse_interface
+from candy_core import (
+    ClientConfig,
+    ConfigError,
+    FieldError,
+    ServerConfig,
+    check_port,
+    parse_interface,
+)
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -39,11 +48,7 @@ MODES = ("server", "client")
 RUNTIMES = ("asyncio", "gevent", "threaded")
 DEFAULT_STATE_DIR = Path("/var/lib/candy")
 DEFAULT_STUN_PORT = 3478
-#: Linux interface names hold at most 15 characters; ``candy-`` takes six of them.
-MAX_NAME_LENGTH = 15 - len("candy-")
-MAX_ROUTE_COST = 1000
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]*")
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _DEFAULT_WS_PORTS = {"ws": 80, "wss": 443}
 
@@ -68,6 +73,8 @@ _FLAGS = {
     "state_dir": "--state-dir",
     "confusion": "--no-confusion",
     "debug": "--debug",
+    "control": "--control",
+    "metrics": "--metrics",
 }
 #: Keys of the reference's config file that this implementation does not support.
 _UNSUPPORTED_KEYS = ("restart", "sdwan", "mtu", "workers")
@@ -76,10 +83,16 @@ _CLIENT_ONLY = (
     "name", "tun", "stun", "port", "route", "discovery", "localhost", "confusion",
     "tls_verify", "tls_ca",
 )  # fmt: skip
-_PATH_KEYS = ("tls_cert", "tls_key", "tls_ca", "state_dir")
+_PATH_KEYS = ("tls_cert", "tls_key", "tls_ca", "state_dir", "control")
+#: Where each daemon's control socket is, unless ``--control`` says otherwise.
+CONTROL_DIR = Path("/run/candy")
+#: Config fields that come from a differently named key.
+_KEY_OF_FIELD = {"host": "websocket", "port": "websocket", "path": "websocket"}
+
+_T = TypeVar("_T")
 
 
-class SettingsError(Exception):
+class SettingsError(ConfigError):
     """A flag or config file value is invalid; ``str()`` is one line saying which and why."""
 
 
@@ -120,6 +133,10 @@ class DaemonSettings:
     client: ClientConfig | None = None
     #: Warnings for the log (ignored or unknown keys, options that do not apply to the mode).
     notes: tuple[str, ...] = ()
+    #: The control socket (``candy status``), or None with ``--control none``.
+    control: Path | None = None
+    #: Where Prometheus metrics are served (host, port), or None (the default: off).
+    metrics: tuple[str, int] | None = None
 
     @property
     def websocket_url(self) -> str:
@@ -153,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
             "  candy -m server -w ws://0.0.0.0:8080/ws -p secret -d 10.0.0.0/24\n"
             "  candy -m client -w wss://vpn.example.org/ws -p secret -s stun://stun.example.org\n"
             "  candy -c /etc/candy.cfg --runtime gevent\n"
-            "command-line flags override the values of the config file"
+            "command-line flags override the values of the config file\n"
+            "\n"
+            "a running daemon:\n"
+            "  candy status [--json] [-n NAME | --server | --control PATH]\n"
+            "  candy ping [-n NAME | --control PATH] VIRTUAL-IP [-c COUNT]"
         ),
     )
     p.add_argument("-v", "--version", action="version", version=f"candy {candy_version()}")
@@ -197,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_const", const=True, default=None, help="debug-level logging"
     )
     g.add_argument("--verbose", action="store_true", help="per-frame traces (implies --debug)")
+    g.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket for candy status (default /run/candy/...; none: off)",
+    )
+    g.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default). No "
+        "authentication: keep it on loopback (127.0.0.1) unless you know better",
+    )
     g.add_argument("--no-timestamp", action="store_true", help="log lines without timestamps")
     g.add_argument(
         "--auto-restart", action="store_true", help="accepted for compatibility; ignored"
@@ -278,19 +310,15 @@ def _build(
             raise given.error("expected a string")
         return given.value
 
-    def integer(key: str, low: int, high: int | None) -> int | None:
+    def integer(key: str, default: int) -> object:
+        """The value, a string of digits turned into an int; the config checks the rest."""
         given = values.get(key)
         if given is None:
-            return None
+            return default
         value = given.value
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise given.error("expected an integer")
-        if value < low or (high is not None and value > high):
-            span = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise given.error(f"must be {span}")
-        return int(value)
+            return int(value)
+        return value
 
     def boolean(key: str) -> bool | None:
         given = values.get(key)
@@ -328,7 +356,7 @@ def _build(
     websocket = text("websocket")
     if websocket is None:
         raise SettingsError("no websocket URL given: use -w URL or websocket in the config file")
-    scheme, host, port, ws_path = _websocket(values["websocket"], mode)
+    scheme, host, port, ws_path = _websocket(values["websocket"])
 
     password = text("password") or ""
     tls_cert, tls_key, tls_ca = path("tls_cert"), path("tls_key"), path("tls_ca")
@@ -337,23 +365,28 @@ def _build(
     debug = bool(boolean("debug"))
 
     name = text("name") or ""
-    tun = _tun(values["tun"]) if text("tun") is not None else None
-    dhcp = _dhcp(values["dhcp"]) if text("dhcp") is not None else None
+    tun = _interface(values["tun"]) if text("tun") is not None else None
+    dhcp = _interface(values["dhcp"]).network if text("dhcp") is not None else None
     stun_host = stun_port = None
     if text("stun") is not None:
         stun_host, stun_port = _stun(values["stun"])
-    udp_port = integer("port", 0, 65535) or 0
-    route = integer("route", 0, MAX_ROUTE_COST) or 0
-    discovery = integer("discovery", 0, None) or 0
-    localhost = text("localhost")
-    if localhost is not None:
-        try:
-            localhost = str(ipaddress.IPv4Address(localhost))
-        except ValueError as exc:
-            raise values["localhost"].error(f"expected an IPv4 address ({exc})") from None
+    udp_port = _port(values["port"], integer("port", 0), any_ok=True) if "port" in values else 0
     confusion = boolean("confusion")
+    # Both configs are built, so that every value given is checked even where the mode
+    # ignores it (a note says so); the name and the server URL only for a client.
+    client_fields: dict[str, Any] = {
+        "password": password,
+        "tun": tun,
+        "confusion": True if confusion is None else confusion,
+        "localhost": text("localhost"),
+        "route": integer("route", 0),
+        "discovery": integer("discovery", 0),
+    }
+    if mode == "client":
+        client_fields.update(name=name, host=host, port=port, path=ws_path)
+    client = _config(values, ClientConfig, **client_fields)
+    server = _config(values, ServerConfig, password=password, dhcp=dhcp)
 
-    server = client = None
     if mode == "server":
         if scheme == "wss":
             if tls_cert is None or tls_key is None:
@@ -362,31 +395,18 @@ def _build(
                 )
             _check_readable(values["tls_cert"], tls_cert)
             _check_readable(values["tls_key"], tls_key)
-        try:
-            server = ServerConfig.from_strings(password=password, dhcp=dhcp)
-        except ConfigError as exc:
-            raise SettingsError(str(exc)) from None
     else:
-        _check_name(values.get("name"), name)
         if tls_ca is not None:
             _check_readable(values["tls_ca"], tls_ca)
         if scheme == "ws" and (tls_ca is not None or tls_verify is not None):
             notes.append("TLS options do not apply to a ws:// server URL; ignored")
-        try:
-            client = ClientConfig(
-                password=password,
-                name=name,
-                tun=tun,
-                host=host,
-                port=port,
-                path=ws_path,
-                confusion=True if confusion is None else confusion,
-                localhost=localhost,
-                route=route,
-                discovery=discovery,
-            )
-        except ConfigError as exc:
-            raise SettingsError(str(exc)) from None
+
+    control: Path | None
+    if text("control") is not None and values["control"].value.lower() == "none":
+        control = None
+    else:
+        control = path("control") or default_control_path(mode, name)
+    metrics = _listen_address(values["metrics"]) if text("metrics") is not None else None
 
     return DaemonSettings(
         mode=mode,
@@ -408,13 +428,53 @@ def _build(
         no_timestamp=bool(ns.no_timestamp),
         auto_restart=bool(ns.auto_restart),
         config_file=config_file,
-        server=server,
-        client=client,
+        server=server if mode == "server" else None,
+        client=client if mode == "client" else None,
         notes=tuple(notes),
+        control=control,
+        metrics=metrics,
     )
 
 
-def _websocket(given: _Given, mode: str) -> tuple[str, str, int, str]:
+def default_control_path(mode: str, name: str = "") -> Path:
+    """``/run/candy/server.sock``, ``/run/candy/client-<name>.sock`` or ``client.sock``."""
+    if mode == "server":
+        return CONTROL_DIR / "server.sock"
+    return CONTROL_DIR / (f"client-{name}.sock" if name else "client.sock")
+
+
+def _listen_address(given: _Given) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv4 address or a host name, and a port) for the metrics endpoint."""
+    host, sep, port_text = str(given.value).rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise given.error("expected HOST:PORT, e.g. 127.0.0.1:9470")
+    if not _HOST_RE.fullmatch(host):
+        raise given.error(f"bad host name {host!r}")
+    return host, _port(given, int(port_text))
+
+
+def _config(values: dict[str, _Given], build: Callable[..., _T], **fields: Any) -> _T:
+    """``build(**fields)``, a refused value reported as the flag or config key it came from."""
+    try:
+        return build(**fields)
+    except FieldError as exc:
+        key = _KEY_OF_FIELD.get(exc.field, exc.field)
+        given = values.get(key)
+        if given is None:
+            raise SettingsError(str(exc)) from None
+        raise given.error(exc.reason if key == exc.field else f"{exc.field} {exc.reason}") from None
+
+
+def _port(given: _Given, port: object, *, any_ok: bool = False, what: str = "") -> int:
+    """``port`` if it is a port number (0 only with ``any_ok``); ``what`` prefixes the reason."""
+    try:
+        check_port(given.name, port, any_ok=any_ok)
+    except FieldError as exc:
+        raise given.error(what + exc.reason) from None
+    return cast(int, port)
+
+
+def _websocket(given: _Given) -> tuple[str, str, int, str]:
     url = given.value
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -431,11 +491,7 @@ def _websocket(given: _Given, mode: str) -> tuple[str, str, int, str]:
         raise given.error(f"bad port ({exc})") from None
     if port is None:
         port = _DEFAULT_WS_PORTS[scheme]
-    elif port == 0 and mode == "client":
-        raise given.error("port 0 cannot be connected to")
-    path = parts.path or "/"
-    if not path.startswith("/"):
-        raise given.error("the path must start with /")
+    path = parts.path or "/"  # never without its leading / once there is a host
     if parts.query:
         path += "?" + parts.query
     return scheme, host, port, path
@@ -470,44 +526,14 @@ def _stun(given: _Given) -> tuple[str, int]:
         port = parts.port
     except ValueError as exc:
         raise given.error(f"bad port ({exc})") from None
-    if port == 0:
-        raise given.error("port 0 cannot be reached")
-    return host, DEFAULT_STUN_PORT if port is None else port
+    return host, _port(given, DEFAULT_STUN_PORT if port is None else port, what="port ")
 
 
 def _interface(given: _Given) -> ipaddress.IPv4Interface:
     try:
         return parse_interface(given.value, given.name)
-    except ConfigError as exc:
-        raise SettingsError(f"{given.where}{exc}") from None
-
-
-def _tun(given: _Given) -> ipaddress.IPv4Interface:
-    iface = _interface(given)
-    net = iface.network
-    if net.prefixlen <= 30 and iface.ip in (net.network_address, net.broadcast_address):
-        which = "network" if iface.ip == net.network_address else "broadcast"
-        raise given.error(f"{iface.ip} is the {which} address of {net}")
-    return iface
-
-
-def _dhcp(given: _Given) -> str:
-    iface = _interface(given)
-    if iface.network.prefixlen > 30:
-        raise given.error("the range is too small: use a prefix of /30 or less")
-    return given.value
-
-
-def _check_name(given: _Given | None, name: str) -> None:
-    if given is None:
-        return
-    if len(name) > MAX_NAME_LENGTH:
-        raise given.error(
-            f"at most {MAX_NAME_LENGTH} characters, so that candy-{name} fits the"
-            " 15-character interface name limit"
-        )
-    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise given.error("use only letters, digits, '_', '.' and '-'")
+    except FieldError as exc:
+        raise given.error(exc.reason) from None
 
 
 def _check_readable(given: _Given, path: Path) -> None:

@@ -8,7 +8,7 @@ import random
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from candy_core.client import ClientState, new_vmac
+from candy_core import ClientState, new_vmac
 
 log = logging.getLogger("candy.state")
 

@@ -55,7 +55,7 @@ class UdpSocket:
         """Waiting datagrams with their source addresses, from up to ``max_reads`` reads."""
         if not self.gro:
             return self._recvfrom_batch(max_reads)
-        batch = []
+        batch: list[tuple[bytes, Addr]] = []
         recvmsg = self._sock.recvmsg
         for _ in range(max_reads):
             try:

@@ -31,8 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from candy_core.config import ClientConfig, ServerConfig
-from candy_core.server import ServerStats
+from candy_core import ClientConfig, ServerConfig, ServerStats
 
 T = TypeVar("T")
 

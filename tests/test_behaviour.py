@@ -33,13 +33,27 @@ from runtimes import (
     wait_until,
 )
 
-from candy_core import events as ev
-from candy_core.config import ClientConfig, ServerConfig
+from candy_core import (
+    AddressAssigned,
+    AddressChanged,
+    ClientConfig,
+    ClientDisconnected,
+    Connected,
+    Disconnected,
+    Limits,
+    Reconnecting,
+    ServerConfig,
+)
 
 PASSWORD = "behaviour"
 NETWORK = IPv4Network("10.99.0.0/24")
 DIRECTED = IPv4Address("10.99.0.255")
 MDNS = IPv4Address("224.0.0.251")
+#: A dynamic range for tests that add members by hand: its hosts never include HAND_MADE,
+#: so no dynamic client can be handed (or take over) one of their addresses.
+LOWER_HALF = IPv4Network("10.99.0.0/25")
+HAND_MADE = (IPv4Address("10.99.0.250"), IPv4Address("10.99.0.251"))
+assert not any(ip in LOWER_HALF for ip in HAND_MADE)
 
 
 @pytest.fixture(params=sorted(ADAPTERS))
@@ -53,8 +67,8 @@ def adapter_name(request: pytest.FixtureRequest) -> str:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def server_config(**kw: Any) -> ServerConfig:
-    return ServerConfig.from_strings(PASSWORD, str(NETWORK), **kw)
+def server_config(dhcp: IPv4Network = NETWORK, **kw: Any) -> ServerConfig:
+    return ServerConfig.from_strings(PASSWORD, str(dhcp), **kw)
 
 
 def client_config(server: ServerHandle | int, **kw: Any) -> ClientConfig:
@@ -111,9 +125,23 @@ def ws_connect(port: int, **kw: Any) -> ws_sync.ClientConnection:
     return ws_sync.connect(f"ws://{HOST}:{port}/", proxy=None, open_timeout=5, **kw)
 
 
+_last_stamp = 0
+
+
+def handshake_stamp() -> int:
+    """A timestamp for a hand-made handshake: now, but never one handed out before.
+
+    The relay refuses byte-identical handshakes as replays, so two hand-made ones for the
+    same address within one second must not share their timestamp.
+    """
+    global _last_stamp
+    _last_stamp = max(int(time.time()), _last_stamp + 1)
+    return _last_stamp
+
+
 def ws_join(ws: ws_sync.ClientConnection, ip: IPv4Address) -> None:
     """Authenticate by hand as ``ip``; the PONG proves the server has processed AUTH."""
-    ts = int(time.time())
+    ts = handshake_stamp()
     ws.send(msg_vmac(PASSWORD, random_vmac(), ts))
     ws.send(msg_auth(PASSWORD, ip, ts))
     assert ws.ping(b"joined").wait(5), "no PONG after AUTH"
@@ -132,9 +160,9 @@ def test_two_dynamic_clients_get_addresses_and_exchange_packets(adapter: Runtime
     for address in (a.address, b.address):
         assert address.ip not in (NETWORK.network_address, NETWORK.broadcast_address)
     for client in (a, b):
-        assert of_type(client.events, ev.AddressChanged)[-1].address == client.address
-        assert of_type(client.events, ev.Connected)[-1].address == client.address
-    assert {e.address for e in of_type(server.events, ev.AddressAssigned)} == {
+        assert of_type(client.events, AddressChanged)[-1].address == client.address
+        assert of_type(client.events, Connected)[-1].address == client.address
+    assert {e.address for e in of_type(server.events, AddressAssigned)} == {
         a.address,
         b.address,
     }
@@ -150,7 +178,7 @@ def test_static_client_is_reachable_from_a_dynamic_one(adapter: RuntimeAdapter) 
     join(server, dynamic)
 
     assert static.address == IPv4Interface("10.99.0.77/24")
-    assert of_type(server.events, ev.AddressAssigned)[0].address.ip != static.address.ip
+    assert of_type(server.events, AddressAssigned)[0].address.ip != static.address.ip
     exchange(dynamic, static)
 
 
@@ -177,26 +205,54 @@ def test_wrong_password_is_refused_and_retried_while_others_work(
     join(server, a, b)
     wrong = adapter.start_client(client_config(server, password="not the password"))
 
-    assert wait_until(lambda: len(of_type(wrong.events, ev.Reconnecting)) >= 4, 5.0), wrong.events
+    assert wait_until(lambda: len(of_type(wrong.events, Reconnecting)) >= 4, 5.0), wrong.events
     exchange(a, b, "during retries")
 
-    disconnects = of_type(wrong.events, ev.Disconnected)
+    disconnects = of_type(wrong.events, Disconnected)
     assert disconnects and all("password" in e.reason for e in disconnects), disconnects
-    retries = of_type(wrong.events, ev.Reconnecting)
+    retries = of_type(wrong.events, Reconnecting)
     assert [e.attempt for e in retries[:4]] == [1, 2, 3, 4]
     delays = [e.delay for e in retries[:4]]
     assert delays == sorted(delays) and delays[0] < delays[3], delays
     assert all(0.05 <= e.delay <= 0.4 for e in retries), retries
-    assert not of_type(wrong.events, ev.Connected)
+    assert not of_type(wrong.events, Connected)
     assert not wrong.wait_connected(0.2)
-    refused = [e for e in of_type(server.events, ev.ClientDisconnected) if e.ip is None]
+    refused = [e for e in of_type(server.events, ClientDisconnected) if e.ip is None]
     assert any("password" in e.reason for e in refused), server.events
     assert server.authenticated() == {ip_of(a), ip_of(b)}
     exchange(a, b, "after retries")
 
 
+def test_a_connection_over_the_limits_is_closed_at_once_and_others_still_join(
+    adapter: RuntimeAdapter,
+) -> None:
+    # One connection may wait to authenticate; the next is refused when it is accepted,
+    # before anything of it is read (the blocking shells refuse it in the accept loop).
+    server = adapter.start_server(server_config(limits=Limits(max_pending=1)))
+    silent = socket.create_connection((HOST, server.port), timeout=5)
+    try:
+        assert wait_until(lambda: server.stats().connections == 1, 5.0)
+        with socket.create_connection((HOST, server.port), timeout=5) as refused:
+            refused.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            try:
+                got = refused.recv(100)
+            except ConnectionResetError:
+                got = b""
+            assert got == b"", got
+        assert server.stats().refused == 1
+    finally:
+        silent.close()
+    assert wait_until(lambda: server.stats().connections == 2, 5.0)
+    a = adapter.start_client(client_config(server))
+    join(server, a)
+    b = adapter.start_client(client_config(server))  # one at a time: one may be pending
+    join(server, a, b)
+    exchange(a, b)
+    assert server.stats().refused == 1
+
+
 def test_a_slow_reader_does_not_stop_the_relay(adapter: RuntimeAdapter) -> None:
-    server = adapter.start_server(server_config())
+    server = adapter.start_server(server_config(dhcp=LOWER_HALF))
     a = adapter.start_client(client_config(server))
     b = adapter.start_client(client_config(server))
     join(server, a, b)
@@ -206,11 +262,11 @@ def test_a_slow_reader_does_not_stop_the_relay(adapter: RuntimeAdapter) -> None:
     sock = socket.create_connection((HOST, server.port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     with ws_connect(server.port, sock=sock, max_queue=4) as slow:
-        slow_ip = IPv4Address("10.99.0.250")
+        slow_ip = HAND_MADE[0]
         ws_join(slow, slow_ip)
         assert slow_ip in server.authenticated()
 
-        flood = udp_packet(ip_of(a), DIRECTED, 9, 9, b"x" * 1200)
+        flood = udp_packet(ip_of(a), LOWER_HALF.broadcast_address, 9, 9, b"x" * 1200)
         deadline = time.monotonic() + 20.0
         sent = 0
         while server.stats().backlog_dropped == 0 and time.monotonic() < deadline:
@@ -223,13 +279,13 @@ def test_a_slow_reader_does_not_stop_the_relay(adapter: RuntimeAdapter) -> None:
         assert stats.backlog_dropped > 0, f"no backlog drops after {sent} broadcasts: {stats}"
         exchange(a, b, "after flood")
         assert server.authenticated() == {ip_of(a), ip_of(b), slow_ip}
-        assert not of_type(a.events, ev.Disconnected) and not of_type(b.events, ev.Disconnected)
+        assert not of_type(a.events, Disconnected) and not of_type(b.events, Disconnected)
         # Leave without the closing handshake: this reader never reads the server's answer.
         slow.close_socket()
 
 
 def test_idle_connections_time_out_but_pinging_clients_stay(adapter: RuntimeAdapter) -> None:
-    server = adapter.start_server(server_config(idle_timeout=1.5))
+    server = adapter.start_server(server_config(dhcp=LOWER_HALF, idle_timeout=1.5))
     keepalive = {"ping_interval": 0.3, "dead_after": 1.0}
     a = adapter.start_client(client_config(server, **keepalive))
     b = adapter.start_client(client_config(server, **keepalive))
@@ -241,7 +297,7 @@ def test_idle_connections_time_out_but_pinging_clients_stay(adapter: RuntimeAdap
             b"GET / HTTP/1.1\r\nHost: h:1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
-        auth = msg_auth(PASSWORD, IPv4Address("10.99.0.251"), int(time.time()))
+        auth = msg_auth(PASSWORD, HAND_MADE[1], handshake_stamp())
         silent.sendall(bytes((0x82, 0x80 | len(auth))) + b"\0\0\0\0" + auth)  # zero mask
         start = time.monotonic()
         received = b""
@@ -254,10 +310,10 @@ def test_idle_connections_time_out_but_pinging_clients_stay(adapter: RuntimeAdap
 
     time.sleep(max(0.0, 3.0 - (time.monotonic() - start)))
     for client in (a, b):
-        assert not of_type(client.events, ev.Disconnected), client.events
+        assert not of_type(client.events, Disconnected), client.events
     assert server.authenticated() == {ip_of(a), ip_of(b)}
-    gone = [e.ip for e in of_type(server.events, ev.ClientDisconnected)]
-    assert gone == [IPv4Address("10.99.0.251")], server.events
+    gone = [e.ip for e in of_type(server.events, ClientDisconnected)]
+    assert gone == [HAND_MADE[1]], server.events
     exchange(a, b, "after idling")
 
 
@@ -273,14 +329,14 @@ def test_clients_reconnect_to_a_restarted_server_with_the_same_addresses(
     exchange(a, b, "before restart")
 
     first.stop()
-    assert wait_until(lambda: of_type(a.events, ev.Disconnected), 5.0)
-    assert wait_until(lambda: of_type(b.events, ev.Disconnected), 5.0)
+    assert wait_until(lambda: of_type(a.events, Disconnected), 5.0)
+    assert wait_until(lambda: of_type(b.events, Disconnected), 5.0)
     time.sleep(0.3)  # a few refused attempts while nobody listens
 
     second = adapter.start_server(server_config(), port=port)
     join(second, a, b)
     assert (a.address, b.address) == before
-    requested = {e.address for e in of_type(second.events, ev.AddressAssigned)}
+    requested = {e.address for e in of_type(second.events, AddressAssigned)}
     assert requested == set(before)
     exchange(a, b, "after restart")
     assert (tmp_path / "address" / "__noname__").read_text().strip() == str(before[0])

@@ -15,8 +15,7 @@ import gevent.socket
 import pytest
 from runtimes import ADAPTERS, adapter_fixture, wait_until
 
-from candy_core import events as ev
-from candy_core.config import ClientConfig
+from candy_core import ClientConfig, Disconnected
 from shells.state import StateStore
 from shells.tun import TunDevice
 from shells.udp import UdpSocket
@@ -122,7 +121,7 @@ def test_start_resolves_names_with_the_runtimes_resolver(
         assert (state_dir / "vmac").is_dir()  # the state is read (and the VMAC saved) now
         # The connection attempts resolve the server's name with the same resolver.
         assert wait_until(lambda: asked.count(SERVER_HOST) >= 2, 5.0), asked
-        assert wait_until(lambda: any(isinstance(e, ev.Disconnected) for e in events), 5.0)
+        assert wait_until(lambda: any(isinstance(e, Disconnected) for e in events), 5.0)
         assert client.address is None
     finally:
         adapter.call(client.stop)

@@ -1,105 +1,32 @@
 """End to end: two clients behind their own cone NATs punch a direct, encrypted UDP path.
 
-Topology (all inside namespaces this test creates)::
-
-    a 192.0.2.2 ── nat-a ──┐                       ┌── nat-b ── b 198.51.100.2
-       192.0.2.1  203.0.113.11 ── 203.0.113.0/24 ── 203.0.113.12  198.51.100.1
-                                        │
-                                  srv 203.0.113.1 (relay :8080, STUN :3478)
-
-Each NAT masquerades and drops new inbound UDP (as home routers do). Counters on the NATs
+The topology (server, STUN server, two cone NATs, two clients, all in namespaces this test
+creates) is built by :class:`p2plab.Net`; see its module docstring. Counters on the NATs
 show whether tunnel traffic flows directly between the NATs' public addresses or through
 the relay.
 """
 
 from __future__ import annotations
 
-import re
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import Lab, have_netns_privileges, make_lab, wait_until
+from netns import have_netns_privileges, make_lab, wait_until
+from p2plab import REPO, SERVER, Net
+from p2plab import vpn_address as _vpn_address
 
-REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "p2p-secret"
-SERVER = "203.0.113.1"
-NAT_A, NAT_B = "203.0.113.11", "203.0.113.12"
 
 _ok, _why = have_netns_privileges()
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not _ok, reason=_why)]
-
-
-class Net:
-    """The lab plus the names the tests need."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.pub = lab.add_ns("pub")
-        self.srv = lab.add_ns("srv")
-        self.nat_a = lab.add_ns("nata")
-        self.nat_b = lab.add_ns("natb")
-        self.a = lab.add_ns("a")
-        self.b = lab.add_ns("b")
-        _, out_a, out_b = lab.bridge(
-            self.pub,
-            [(self.srv, f"{SERVER}/24"), (self.nat_a, f"{NAT_A}/24"), (self.nat_b, f"{NAT_B}/24")],
-        )
-        lab.link(self.nat_a, "192.0.2.1/24", self.a, "192.0.2.2/24")
-        lab.link(self.nat_b, "198.51.100.1/24", self.b, "198.51.100.2/24")
-        lab.route(self.a, "default", "192.0.2.1")
-        lab.route(self.b, "default", "198.51.100.1")
-        lab.nat(self.nat_a, out_a, cone=True)
-        lab.nat(self.nat_b, out_b, cone=True)
-        # Counters: tunnel datagrams towards the other NAT, and frames towards the relay.
-        for ns, other in ((self.nat_a, NAT_B), (self.nat_b, NAT_A)):
-            lab.run(ns, "iptables", "-w", "5", "-I", "FORWARD", "1", "-p", "udp", "-d", other)
-            lab.run(
-                ns,
-                "iptables",
-                "-w",
-                "5",
-                "-I",
-                "FORWARD",
-                "1",
-                "-p",
-                "tcp",
-                "-d",
-                SERVER,
-                "--dport",
-                "8080",
-            )
-        self.env = {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        self.stun = lab.spawn(
-            self.srv,
-            [sys.executable, str(REPO / "tests" / "stunserver.py"), SERVER, "3478"],
-            env=self.env,
-        )
-
-    def counters(self, ns: str) -> dict[str, int]:
-        """Packets counted on a NAT: 'udp' to the other NAT, 'tcp' to the relay."""
-        out = self.lab.run(ns, "iptables", "-w", "5", "-nvxL", "FORWARD").stdout
-        counts = {"udp": 0, "tcp": 0}
-        for line in out.splitlines():
-            fields = line.split()  # pkts bytes [no target] prot opt in out source dest
-            proto = {"17": "udp", "6": "tcp"}.get(fields[2]) if len(fields) > 3 else None
-            if proto and fields[3] == "--":
-                counts[proto] += int(fields[0])
-        return counts
 
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Net]:
     with make_lab("cp2p") as lab:
         yield Net(lab)
-
-
-def _vpn_address(lab: Lab, ns: str, iface: str) -> str | None:
-    out = lab.run(ns, "ip", "-4", "-o", "addr", "show", "dev", iface, check=False).stdout
-    match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
-    return match.group(1) if match else None
 
 
 @pytest.mark.parametrize("runtime", ["asyncio", "gevent", "threaded"])
@@ -161,7 +88,13 @@ def test_clients_behind_nats_go_direct_and_fall_back_to_the_relay(
 
         # iperf3 over the direct path (figure reported, not asserted beyond > 0).
         iperf_server = lab.spawn(net.b, ["iperf3", "-s", "-1"])
-        time.sleep(0.5)
+
+        def iperf_listening() -> bool:
+            out = lab.run(net.b, "ss", "-Hltn", "sport", "=", ":5201", check=False).stdout
+            return bool(out.strip()) or iperf_server.poll() is not None
+
+        assert wait_until(iperf_listening, 5), lab.log(iperf_server)
+        assert iperf_server.poll() is None, lab.log(iperf_server)
         result = lab.run(net.a, "iperf3", "-c", vpn_b, "-t", "3", "-f", "m", timeout=30)
         summary = [line for line in result.stdout.splitlines() if "sender" in line]
         print(f"\n[{runtime}] iperf3 over the direct P2P path: {summary}")

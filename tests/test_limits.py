@@ -34,8 +34,9 @@ def test_a_burst_is_admitted_then_the_rate_holds() -> None:
 
 
 def test_failed_handshakes_slow_a_source_down_further() -> None:
-    honest, guesser = SourceLimiter(Limits(connect_rate=10, connect_burst=20)), SourceLimiter(
-        Limits(connect_rate=10, connect_burst=20, failure_cost=5)
+    honest, guesser = (
+        SourceLimiter(Limits(connect_rate=10, connect_burst=20)),
+        SourceLimiter(Limits(connect_rate=10, connect_burst=20, failure_cost=5)),
     )
     for lim, failed in ((honest, False), (guesser, True)):
         for _ in range(3):
@@ -112,10 +113,16 @@ def test_refusals_are_logged_once_a_second(caplog: pytest.LogCaptureFixture) -> 
     relay = flood_relay(connect_rate=1, connect_burst=1)
     caplog.set_level(logging.WARNING, logger="candy.server")
     for i in range(1000):
-        relay.server.connection_made(i + 10_000, relay.now + i * 0.01, f"{FLOODER}:{i}")
+        c = relay.client(connect=False)
+        relay.server.connection_made(c.cid, relay.now + i * 0.01, f"{FLOODER}:{i}")
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 10  # 10 seconds of flood
     assert lines[1].startswith("refused 99 connection(s)")  # one a second got in
+    relay.advance(12)  # the flood stops: the sweep reports what the last line did not say
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 11
+    total = sum(int(line.split()[1]) for line in lines)
+    assert total == relay.server.stats.refused == 990
 
 
 def test_a_wrong_password_costs_its_source_more() -> None:

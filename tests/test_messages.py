@@ -309,3 +309,42 @@ def test_decode_accepts_memoryview_and_bytearray() -> None:
     data = _sample(m.AUTH)
     assert m.decode(bytearray(data)) == m.decode(data)
     assert m.decode(memoryview(data)) == m.decode(data)  # type: ignore[arg-type]
+
+
+# --- the IPv4 packet inside FORWARD (and from TUN) -----------------------------------------------
+HEADER = bytes.fromhex("4500001400010000400100000a4d000b0a4d000c")  # 20 bytes, 10.77.0.11 -> .12
+
+
+def test_ipv4_endpoints_reads_source_and_destination() -> None:
+    assert m.ipv4_endpoints(HEADER) == (bytes([10, 77, 0, 11]), bytes([10, 77, 0, 12]))
+    assert m.ipv4_endpoints(b"\x01" + HEADER + b"body", 1) == m.ipv4_endpoints(HEADER)
+    src, dst = m.ipv4_endpoints(memoryview(HEADER))
+    assert type(src) is bytes and type(dst) is bytes  # hashable, whatever the input
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_ipv4_endpoints_boundary(start: int) -> None:
+    data = b"\x01" * start + HEADER
+    assert len(data) == start + m.IPV4_HEADER_SIZE
+    m.ipv4_endpoints(data, start)  # exactly a header: accepted
+    for n in range(len(data)):  # one byte less, down to nothing: refused, never IndexError
+        with pytest.raises(m.ProtocolError, match="too short"):
+            m.ipv4_endpoints(data[:n], start)
+
+
+@pytest.mark.parametrize("first", [0x00, 0x35, 0x60, 0x65, 0xF5])
+def test_ipv4_endpoints_refuses_other_versions(first: int) -> None:
+    with pytest.raises(m.ProtocolError, match="not an IPv4 packet"):
+        m.ipv4_endpoints(bytes([first]) + HEADER[1:])
+
+
+def test_ipv4_endpoints_accepts_header_options() -> None:
+    assert m.ipv4_endpoints(b"\x46" + HEADER[1:] + bytes(4)) == m.ipv4_endpoints(HEADER)
+
+
+def test_forward_decode_uses_the_same_rule() -> None:
+    assert m.decode(b"\x01" + HEADER) == m.Forward(HEADER)
+    with pytest.raises(m.ProtocolError, match=r"FORWARD.*too short"):
+        m.decode(b"\x01" + HEADER[:19])
+    with pytest.raises(m.ProtocolError, match=r"FORWARD.*not an IPv4 packet"):
+        m.decode(b"\x01\x60" + HEADER[1:])

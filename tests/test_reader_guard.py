@@ -15,7 +15,7 @@ import pytest
 from runtimes import ADAPTERS, HOST, adapter_fixture, free_port, icmp_packet, wait_until
 from test_behaviour import client_config, ip_of, join, server_config
 
-from candy_core import events as ev
+from candy_core import Connected
 
 
 @pytest.fixture(params=sorted(ADAPTERS))
@@ -67,12 +67,12 @@ def test_client_recovers_from_an_exception_on_server_bytes(adapter: Any) -> None
     shell = shell_of(a)
     patched = FailOnce(shell.core.receive_data)
     shell.core.receive_data = patched
-    joins = sum(isinstance(e, ev.Connected) for e in a.events)
+    joins = sum(isinstance(e, Connected) for e in a.events)
     b.send_packet(icmp_packet(ip_of(b), ip_of(a)))  # relayed to a: the first bytes a reads
     assert wait_until(lambda: patched.calls >= 1, 5.0), "nothing reached a"
-    assert wait_until(
-        lambda: sum(isinstance(e, ev.Connected) for e in a.events) > joins, 10.0
-    ), f"a did not reconnect: {a.events[-5:]}"
+    assert wait_until(lambda: sum(isinstance(e, Connected) for e in a.events) > joins, 10.0), (
+        f"a did not reconnect: {a.events[-5:]}"
+    )
     join(server, a, b)
     b.send_packet(icmp_packet(ip_of(b), ip_of(a), seq=2))
     assert a.recv_packet(5.0) == icmp_packet(ip_of(b), ip_of(a), seq=2)

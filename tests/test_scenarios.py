@@ -15,17 +15,20 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
-from candy_core.client import Client, ClientState, new_vmac
-from candy_core.config import ClientConfig, ServerConfig
-from candy_core.events import (
+from candy_core import (
     AddressChanged,
+    Client,
     ClientAuthenticated,
+    ClientConfig,
     ClientDisconnected,
+    ClientState,
     Connected,
     Disconnected,
     Reconnecting,
+    RelayServer,
+    ServerConfig,
+    new_vmac,
 )
-from candy_core.server import RelayServer
 
 PASSWORD = "scenario-pw"
 WALL = 1_764_000_000

@@ -10,10 +10,14 @@ from ipaddress import IPv4Address, IPv4Interface
 import pytest
 from vectors import load_vectors
 
+from candy_core import (
+    AddressAssigned,
+    ClientAuthenticated,
+    ClientDisconnected,
+    ProtocolError,
+    ServerConfig,
+)
 from candy_core import messages as m
-from candy_core.config import ServerConfig
-from candy_core.events import AddressAssigned, ClientAuthenticated, ClientDisconnected
-from candy_core.messages import ProtocolError
 from candy_core.server import RelayServer
 from candy_core.upgrade import ClientUpgrade
 from candy_core.wsframe import (
@@ -614,6 +618,53 @@ def test_forward_shorter_than_an_ipv4_header_is_dropped(relay: Relay) -> None:
     assert len(b.take()) == 1
 
 
+def test_forward_of_17_bytes_is_dropped_without_an_exception(relay: Relay) -> None:
+    a, b, c = trio(relay)
+    a.send(forward("10.99.0.1", "10.99.0.2", b"")[:17])  # the server itself raises nothing
+    assert b.take() == [] and c.take() == [] and not a.closed
+    assert relay.server.stats.frames_dropped == 1
+    assert relay.server.stats.rejected == 0
+
+
+def test_every_forward_shorter_than_a_header_is_dropped_and_counted(relay: Relay) -> None:
+    a, b, _ = trio(relay)
+    full = forward("10.99.0.1", "10.99.0.2", b"")
+    assert len(full) == 21
+    for n in range(1, 21):
+        a.send(full[:n])
+    assert b.take() == [] and not a.closed
+    assert relay.server.stats.frames_dropped == 20
+    a.send(full)  # 21 bytes, the minimum: relayed
+    assert b.take() == [full]
+
+
+def test_forward_of_a_non_ipv4_packet_is_dropped(relay: Relay) -> None:
+    a, b, _ = trio(relay)
+    data = forward("10.99.0.1", "10.99.0.2")
+    a.send(data[:1] + b"\x60" + data[2:])
+    assert b.take() == [] and not a.closed
+    assert relay.server.stats.frames_dropped == 1
+
+
+def test_a_candy_6_encapsulated_forward_with_a_zeroed_outer_header_is_relayed(
+    relay: Relay,
+) -> None:
+    """6.x fills only protocol 4 and the addresses of the outer header (PROTOCOL.md 6.2)."""
+    a, b, _ = trio(relay)
+    inner = packet("10.99.0.1", "172.31.0.5", b"to the LAN behind b")
+    outer = bytearray(20)
+    outer[9] = 4
+    outer[12:16] = bytes([10, 99, 0, 1])
+    outer[16:20] = bytes([10, 99, 0, 2])
+    data = m.Forward(bytes(outer) + inner).encode()
+    a.send(data)
+    assert b.take() == [data]
+    outer[9] = 17  # a zeroed header that does not say IPIP is still not IPv4
+    a.send(m.Forward(bytes(outer) + inner).encode())
+    assert b.take() == []
+    assert relay.server.stats.frames_dropped == 1
+
+
 def test_unicast_forward_reaches_only_its_destination(relay: Relay) -> None:
     a, b, c = trio(relay)
     data = forward("10.99.0.1", "10.99.0.2", b"hello b")
@@ -718,6 +769,31 @@ def test_discovery_and_general_unicast_and_broadcast(relay: Relay, kind: str) ->
     stranger.send(make("10.99.0.1", "255.255.255.255"))
     assert b.take() == [] and c.take() == []
     assert not a.closed and not stranger.closed
+
+
+@pytest.mark.parametrize("kind", ["forward", "peer", "general", "discovery"])
+def test_unicast_to_the_senders_own_address_is_not_sent_back(relay: Relay, kind: str) -> None:
+    """A member never gets its own unicast frames back from the relay (nor does anyone else)."""
+    a, b, c = trio(relay)
+    own, other = ip("10.99.0.1"), ip("10.99.0.2")
+
+    def make(dst: IPv4Address) -> bytes:
+        if kind == "forward":
+            return forward(str(own), str(dst), b"to myself")
+        if kind == "peer":
+            return m.Peer(own, dst, ip("203.0.113.5"), 40123).encode()
+        if kind == "discovery":
+            return m.Discovery(own, dst).encode()
+        return m.General.lan_endpoint(own, dst, ip("192.168.1.10"), 40000).encode()
+
+    a.send(make(own))
+    assert a.take() == [], "the relay sent a member's frame back to it"
+    assert b.take() == [] and c.take() == []
+    assert relay.server.stats.frames_relayed == 0
+    # The same frame for another member is relayed, and the sender stays connected.
+    a.send(make(other))
+    assert b.take() == [make(other)] and a.take() == [] and c.take() == []
+    assert not a.closed
 
 
 def test_general_lan_endpoint_is_passed_through_untouched(relay: Relay) -> None:

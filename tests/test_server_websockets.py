@@ -30,8 +30,7 @@ from runtimes import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from candy_core import events as ev
-from candy_core.config import ServerConfig
+from candy_core import ClientAuthenticated, ClientDisconnected, ServerConfig
 from shells.asyncio.server import Server
 
 PASSWORD = "independent"
@@ -72,11 +71,13 @@ async def synced(ws: ClientConnection) -> None:
     await asyncio.wait_for(pong, 5)
 
 
-async def join_static(ws: ClientConnection, ip: IPv4Address, password: str = PASSWORD) -> None:
+async def join_static(ws: ClientConnection, ip: IPv4Address, password: str = PASSWORD) -> int:
+    """VMAC and AUTH as ``ip``; returns the handshake timestamp used."""
     ts = int(time.time())
     await ws.send(msg_vmac(password, random_vmac(), ts))
     await ws.send(msg_auth(password, ip, ts, padding=b"\x5a" * 7))
     await synced(ws)
+    return ts
 
 
 async def join_dynamic(
@@ -123,7 +124,7 @@ def test_static_and_dynamic_members_exchange_forward_frames() -> None:
             await join_static(a, A)
             b_addr = await join_dynamic(b, padding=b"\x00" * 11)
             assert b_addr.ip not in (A, NETWORK.network_address, NETWORK.broadcast_address)
-            assert {e.ip for e in events if isinstance(e, ev.ClientAuthenticated)} == {
+            assert {e.ip for e in events if isinstance(e, ClientAuthenticated)} == {
                 A,
                 b_addr.ip,
             }
@@ -201,7 +202,7 @@ def test_a_wrong_password_closes_only_that_connection(wrong: str) -> None:
             await b.send(frame)
             await expect(a, frame)
             assert set(server.core.clients) == {A, B}
-            refused = [e for e in events if isinstance(e, ev.ClientDisconnected)]
+            refused = [e for e in events if isinstance(e, ClientDisconnected)]
             assert [e.reason for e in refused] == ["wrong password"]
 
     run(scenario)
@@ -216,13 +217,17 @@ def test_a_newer_connection_takes_over_the_address() -> None:
             member(server.port) as new,
         ):
             await join_static(a, A)
-            await join_static(old, B)
-            ts = int(time.time()) - 1  # not byte-identical to the first AUTH (a replay)
+            old_ts = await join_static(old, B)
+            ts = old_ts - 1  # another AUTH for B, not a replay of the first one
             await new.send(msg_vmac(PASSWORD, random_vmac(), ts))
             await new.send(msg_auth(PASSWORD, B, ts))
             await synced(new)
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(old.recv(), 5)
+            assert (old.close_code, old.close_reason) == (
+                1001,
+                "address taken over by a newer connection",
+            )
             frame = msg_forward(icmp_packet(A, B, b"to the newer one"))
             await a.send(frame)
             await expect(new, frame)

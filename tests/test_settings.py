@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from candy_core.config import ClientConfig, ServerConfig
+from candy_core import ClientConfig, ServerConfig
 from shells import cli
 from shells.settings import DaemonSettings, SettingsError, parse_args
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from candy_core.client import ClientState
-from candy_core.config import ClientConfig
+from candy_core import ClientConfig, ClientState
 from shells.state import StateStore
 
 HEX = set("0123456789abcdef")
@@ -18,6 +17,20 @@ HEX = set("0123456789abcdef")
 
 def is_vmac(value: bytes) -> bool:
     return len(value) == 16 and set(value.decode()) <= HEX
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings a user reads in the log, as text."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def why_ignored(path: Path, content: bytes, what: str) -> str:
+    """The start of the warning for an unusable state file holding ``content``."""
+    try:
+        text = content.decode()
+    except UnicodeDecodeError:
+        return f"cannot read {path}: 'utf-8' codec can't decode byte"
+    return f"ignoring an invalid cached {what} {text!r}"
 
 
 def test_reference_layout(tmp_path: Path) -> None:
@@ -91,7 +104,8 @@ def test_invalid_cached_vmac_is_replaced_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="candy.state"):
         state = StateStore(tmp_path, "net").load(random.Random(1))
     assert is_vmac(state.vmac)
-    assert caplog.records, "an invalid VMAC must be reported"
+    (warning,) = warnings(caplog)
+    assert warning.startswith(why_ignored(tmp_path / "vmac" / "net", content, "VMAC")), warning
     assert (tmp_path / "vmac" / "net").read_text() == state.vmac.decode()
     assert StateStore(tmp_path, "net").load(random.Random(2)).vmac == state.vmac
 
@@ -108,7 +122,8 @@ def test_invalid_cached_address_is_ignored_with_a_warning(
         state = StateStore(tmp_path, "net").load(random.Random(1))
     assert state.address is None
     assert is_vmac(state.vmac)
-    assert caplog.records
+    (warning,) = warnings(caplog)
+    assert warning.startswith(why_ignored(tmp_path / "address" / "net", content, "address"))
 
 
 def test_state_file_that_is_a_directory_is_ignored(
@@ -118,7 +133,8 @@ def test_state_file_that_is_a_directory_is_ignored(
     with caplog.at_level(logging.WARNING, logger="candy.state"):
         state = StateStore(tmp_path, "net").load(random.Random(1))
     assert state.address is None
-    assert caplog.records
+    path = tmp_path / "address" / "net"
+    assert warnings(caplog) == [f"cannot read {path}: [Errno 21] Is a directory: '{path}'"]
 
 
 def test_unwritable_state_dir_keeps_state_in_memory(
@@ -132,7 +148,13 @@ def test_unwritable_state_dir_keeps_state_in_memory(
         state = store.load(random.Random(1))
         store.save_address(IPv4Interface("10.0.0.7/24"))
     assert is_vmac(state.vmac)
-    assert any("memory" in r.getMessage() for r in caplog.records)
+    kept = "(the state is kept in memory only): [Errno 20] Not a directory"
+    assert warnings(caplog) == [
+        f"cannot read {blocker}/vmac/net: [Errno 20] Not a directory: '{blocker}/vmac/net'",
+        f"cannot save {blocker}/vmac/net {kept}: '{blocker}/vmac'",
+        f"cannot read {blocker}/address/net: [Errno 20] Not a directory: '{blocker}/address/net'",
+        f"cannot save {blocker}/address/net {kept}: '{blocker}/address'",
+    ]
     assert blocker.read_text() == "not a directory"
 
 
@@ -143,7 +165,13 @@ def test_unwritable_subdirectory_keeps_state_in_memory(
     with caplog.at_level(logging.WARNING, logger="candy.state"):
         state = StateStore(tmp_path, "net").load(random.Random(1))
     assert is_vmac(state.vmac)
-    assert caplog.records
+    path = tmp_path / "vmac" / "net"
+    assert warnings(caplog) == [
+        f"cannot read {path}: [Errno 20] Not a directory: '{path}'",
+        f"cannot save {path} (the state is kept in memory only): "
+        f"[Errno 17] File exists: '{tmp_path / 'vmac'}'",
+    ]
+    assert (tmp_path / "vmac").read_text() == "a file, not a directory"
 
 
 def test_no_state_dir_is_memory_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

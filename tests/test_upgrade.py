@@ -9,7 +9,7 @@ import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, Request
 
-from candy_core.messages import ProtocolError
+from candy_core import ProtocolError
 from candy_core.upgrade import MAX_HEAD, ClientUpgrade, ServerUpgrade, UpgradeResult
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 from ipaddress import IPv4Address
+
+from candy_core.icmp import ECHO_REQUEST, echo, parse_echo
 
 __all__ = ["icmp", "icmp_seq"]
 
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+_IDENT = 0x4341
 
 
 def icmp(
@@ -24,27 +18,11 @@ def icmp(
 
     Header and ICMP checksums are valid, so the packet could be written to a real TUN device.
     """
-    body = struct.pack("!BBHHH", 8, 0, 0, 0x4341, seq & 0xFFFF) + payload
-    body = body[:2] + struct.pack("!H", _checksum(body)) + body[4:]
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(body),
-        seq & 0xFFFF,
-        0,
-        64,
-        1,
-        0,
-        IPv4Address(str(src)).packed,
-        IPv4Address(str(dst)).packed,
-    )
-    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
-    return header + body
+    src_ip, dst_ip = IPv4Address(str(src)).packed, IPv4Address(str(dst)).packed
+    return echo(src_ip, dst_ip, _IDENT, seq, payload)
 
 
 def icmp_seq(packet: bytes) -> int | None:
-    """The sequence number of an ICMP echo built by :func:`icmp`, or ``None``."""
-    if len(packet) < 28 or packet[0] != 0x45 or packet[9] != 1 or packet[20] != 8:
-        return None
-    return int.from_bytes(packet[26:28], "big")
+    """The sequence number of an ICMP echo request, or ``None``."""
+    fields = parse_echo(packet)
+    return fields.seq if fields is not None and fields.kind == ECHO_REQUEST else None

@@ -8,6 +8,7 @@ Between them sits what a shell would do: drain each core after every input
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Hashable
@@ -18,6 +19,8 @@ from candy_core.client import Client, ClientState, new_vmac
 from candy_core.config import ClientConfig, ServerConfig
 from candy_core.drain import drain_client, drain_server
 from candy_core.events import ClientEvent, PeerStateChanged, ServerEvent
+from candy_core.icmp import ECHO_REPLY, ECHO_REQUEST, parse_echo
+from candy_core.icmp import echo as icmp_echo
 from candy_core.peers import PeerStatus
 from candy_core.server import RelayServer
 from candy_core.sim.nat import Addr, Nat
@@ -31,6 +34,7 @@ from candy_core.sim.network import (
     Pipe,
     Timer,
 )
+from candy_core.status import ClientStatus
 
 __all__ = ["SimClient", "Simulation"]
 
@@ -67,6 +71,9 @@ class SimClient:
         self.captured: list[tuple[bytes, Addr]] = []
         #: ``True`` while :meth:`Simulation.cut_udp` is in force for this client.
         self.udp_cut = False
+        #: When ``True``, ICMP echo requests to this client are answered as a kernel would
+        #: (the reply goes back in through the core, like a packet read from TUN).
+        self.answer_pings = False
         self._pipe: Pipe | None = None
         self._timer = Timer()
         self._sink = _ClientSink(sim, self)
@@ -95,6 +102,20 @@ class SimClient:
         """Inject ``packet`` as if read from the client's TUN device, now."""
         self.core.receive_packet(packet, self.sim.now)
         self.sim._service_client(self)
+
+    def ping(self, other: SimClient | IPv4Address | str) -> int | None:
+        """Send an ICMP echo to ``other`` as ``candy ping`` does; the answer is a PingReply
+        event in :attr:`events`. Returns the sequence number (None before joining)."""
+        ip = self.sim._virtual_ip(other)
+        if ip is None:
+            return None
+        seq = self.core.ping(ip, self.sim.now)
+        self.sim._service_client(self)
+        return seq
+
+    def status(self) -> ClientStatus:
+        """What ``candy status`` would show for this client now."""
+        return self.core.status(self.sim.now, self.sim.wall, "ws://candy.sim/")
 
     def peer_status(self, other: SimClient | IPv4Address | str) -> PeerStatus | None:
         """This client's view of the direct path to ``other``, or ``None`` if not tracked."""
@@ -431,7 +452,14 @@ class _ClientSink:
             self.sim._close_to_server(pipe)
 
     def deliver_packets(self, packets: list[bytes]) -> None:
-        self.client.received.extend(packets)
+        client = self.client
+        client.received.extend(packets)
+        if client.answer_pings:
+            for packet in packets:
+                echo = parse_echo(packet)
+                if echo is not None and echo.kind == ECHO_REQUEST:
+                    reply = icmp_echo(echo.dst, echo.src, echo.ident, echo.seq, b"", ECHO_REPLY)
+                    self.sim._clock.at(self.sim.now, functools.partial(client.send_packet, reply))
 
     def send_datagrams(self, datagrams: list[tuple[bytes, Addr]]) -> None:
         send = self.sim._network.send_datagram

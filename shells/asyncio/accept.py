@@ -24,10 +24,8 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from shells.common import LogEvery
+from shells.common import LISTEN_BACKLOG, LogEvery
 
-#: Pending connections the kernel keeps for us (capped by net.core.somaxconn).
-BACKLOG = 512
 #: Connections accepted per wake-up at most, so accepting never starves the loop.
 ACCEPT_BATCH = 100
 #: Back-off while ``accept`` fails: doubles from MIN up to MAX, reset by a success.
@@ -57,7 +55,7 @@ class Acceptor:
         self._closed = False
         self.sockets: list[socket.socket] = []
 
-    async def listen(self, host: str | None, port: int, backlog: int = BACKLOG) -> None:
+    async def listen(self, host: str | None, port: int, backlog: int = LISTEN_BACKLOG) -> None:
         """Bind every address ``host`` resolves to (as ``create_server`` does) and listen."""
         infos = await self._loop.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

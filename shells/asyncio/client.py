@@ -9,15 +9,14 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Interface
-from typing import TYPE_CHECKING
+from ipaddress import IPv4Address, IPv4Interface
+from typing import TYPE_CHECKING, Any, cast
 
-from candy_core.client import Client as ClientCore
-from candy_core.config import ClientConfig
-from candy_core.events import ClientEvent
-from candy_core.peers import PeerStatus
+from candy_core import Client as ClientCore
+from candy_core import ClientConfig, ClientEvent, PeerStatus, PingReply
 from shells.asyncio.timer import DeadlineTimer
 from shells.common import CONNECT_TIMEOUT, client_kwargs, track_joined
+from shells.operate import client_document, server_url
 from shells.pump import ClientPump
 from shells.tun import TunDevice
 from shells.udp import UdpSocket
@@ -38,17 +37,20 @@ class _ServerLink(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # create_connection() makes a stream transport; the Protocol API names only the base.
+        self.transport = cast(asyncio.Transport, transport)
+        assert self.client.core is not None  # links are made by _connect(), after start()
         self.client._link = self
         self.client.core.connection_made(self.client._loop.time())
         self.client._flush()
 
     def data_received(self, data: bytes) -> None:
         client = self.client
+        assert client.core is not None and client._pump is not None
         try:
             client.core.receive_data(data, client._loop.time(), time.time())
         except Exception:  # the stream is unusable now: drop this connection, reconnect
-            client._pump.guard.failed("bytes from the server")  # type: ignore[union-attr]
+            client._pump.guard.failed("bytes from the server")
             client._link = None
             client.core.connection_lost(client._loop.time(), "internal error")
             if self.transport is not None:
@@ -57,6 +59,7 @@ class _ServerLink(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         client = self.client
+        assert client.core is not None
         if client._link is self:
             client._link = None
             reason = f"connection lost: {exc}" if exc else "connection closed by the server"
@@ -98,7 +101,7 @@ class Client:
         self.config = config
         self._ssl = ssl_context
         self._joined = asyncio.Event()
-        self._pump_args = {
+        self._pump_args: dict[str, Any] = {
             "tun": tun,
             "state_dir": state_dir,
             "stun": (stun_host, stun_port),
@@ -108,9 +111,10 @@ class Client:
         }
         self._udp_port = udp_port
         self._pump: ClientPump | None = None
-        self.core: ClientCore = None  # type: ignore[assignment]  # made in start()
+        #: The sans-IO core, made in :meth:`start` (``None`` before).
+        self.core: ClientCore | None = None
         self.tun: TunDevice | None = None
-        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._loop: asyncio.AbstractEventLoop  # the running loop, bound in start()
         self._link: _ServerLink | None = None
         self._udp: UdpSocket | None = None
         self._timer: DeadlineTimer | None = None
@@ -118,6 +122,17 @@ class Client:
         self._packet_ready = asyncio.Event()
         self._tun_paused = False
         self._stopped = False
+        #: ping() calls waiting for their reply, by (address, sequence number).
+        self._pings: dict[tuple[IPv4Address, int], asyncio.Future[PingReply]] = {}
+
+    def status(self) -> dict[str, Any]:
+        """The ``candy status`` document (call it on the loop, after :meth:`start`)."""
+        if self.core is None:
+            raise RuntimeError("call start() first")
+        cfg = self.config
+        url = server_url(self._ssl is not None, cfg.host, cfg.port, cfg.path)
+        snapshot = self.core.status(self._loop.time(), time.time(), url)
+        return client_document(snapshot, "asyncio")
 
     @classmethod
     def from_settings(cls, settings: DaemonSettings) -> Client:
@@ -142,6 +157,7 @@ class Client:
         pump.close_server = self._close_server
         pump.open_connection = self._open_connection
         pump.packets_ready = self._packet_ready.set
+        pump.ping_replied = self._ping_replied
         if self.tun is not None:
             self._loop.add_reader(self.tun.fileno(), self._on_tun)
         if self.config.stun is not None:
@@ -158,6 +174,7 @@ class Client:
             self._stopped = True
             return
         self._stopped = True
+        assert self.core is not None  # made together with the pump
         self.core.close()
         self._flush()
         if self._timer is not None:
@@ -189,6 +206,8 @@ class Client:
     # --- embedding API ------------------------------------------------------------------
     def send_packet(self, packet: bytes) -> None:
         """Send one IPv4 packet into the network (as if read from TUN)."""
+        if self.core is None:
+            raise RuntimeError("call start() first")
         self.core.receive_packet(packet, self._loop.time())
         self._flush()
 
@@ -210,6 +229,34 @@ class Client:
         """Our virtual address, once known."""
         return self.core.address if self.core else None
 
+    async def ping(self, ip: IPv4Address | str, timeout: float = 2.0) -> PingReply | None:
+        """Send an ICMP echo request to ``ip`` over the usual path and wait for the reply.
+
+        Returns the reply (round trip, path, endpoint) or None after ``timeout`` seconds;
+        raises ConnectionError while we have no virtual address.
+        """
+        if self.core is None:
+            raise RuntimeError("call start() first")
+        dst = IPv4Address(ip)
+        seq = self.core.ping(dst, self._loop.time())
+        if seq is None:
+            raise ConnectionError("not joined the network yet (no virtual address)")
+        key = (dst, seq)
+        waiter = self._pings[key] = self._loop.create_future()
+        self._flush()
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if self._pings.get(key) is waiter:
+                del self._pings[key]
+
+    def _ping_replied(self, reply: PingReply) -> None:
+        waiter = self._pings.pop((reply.ip, reply.seq), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
+
     def peer_status(self) -> list[PeerStatus]:
         """Each peer's state, endpoint, last heartbeat and delay (empty without STUN)."""
         return self.core.peers.peer_status() if self.core else []
@@ -220,12 +267,13 @@ class Client:
         if tun is None:
             return
         core = self.core
+        assert core is not None and self._pump is not None  # readers are added in start()
         now = self._loop.time()
         for packet in tun.read_batch(64):
             try:
                 core.receive_packet(packet, now)
             except Exception:
-                self._pump.guard.failed("a packet from TUN")  # type: ignore[union-attr]
+                self._pump.guard.failed("a packet from TUN")
         self._flush()
 
     def _on_udp(self) -> None:
@@ -233,12 +281,13 @@ class Client:
         if udp is None:
             return
         core = self.core
+        assert core is not None and self._pump is not None  # readers are added in start()
         now = self._loop.time()
         for data, addr in udp.recv_batch(64):
             try:
                 core.receive_datagram(data, addr, now)
             except Exception:
-                self._pump.guard.failed(f"a datagram from {addr[0]}:{addr[1]}")  # type: ignore[union-attr]
+                self._pump.guard.failed(f"a datagram from {addr[0]}:{addr[1]}")
         self._flush()
 
     def _pause_tun(self) -> None:
@@ -270,18 +319,21 @@ class Client:
         task.add_done_callback(self._tasks.discard)
 
     def _flush(self) -> None:
-        deadline = self._pump.flush()  # type: ignore[union-attr]
+        assert self._pump is not None  # every caller runs after start()
+        deadline = self._pump.flush()
         if self._stopped:
             return
         if self._timer is not None:
             self._timer.arm(deadline)
 
     def _on_timer(self, now: float) -> None:
+        assert self.core is not None  # the timer is made in start()
         self.core.handle_timer(now)
         self._flush()
 
     async def _connect(self) -> None:
         cfg = self.config
+        assert self.core is not None  # connections are opened by the core, after start()
         try:
             await asyncio.wait_for(
                 self._loop.create_connection(

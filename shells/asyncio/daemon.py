@@ -7,9 +7,16 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
+from shells.asyncio.control import Controlled
 from shells.common import server_kwargs
+from shells.metrics import with_metrics_async
 from shells.settings import DaemonSettings
+
+if TYPE_CHECKING:
+    from shells.asyncio.client import Client
+    from shells.asyncio.server import Server
 
 log = logging.getLogger("candy.asyncio")
 
@@ -43,6 +50,7 @@ async def _until_signalled(
 
 def run(settings: DaemonSettings) -> int:
     """Run the daemon described by ``settings``; returns the exit status."""
+    node: Server | Client
     if settings.mode == "server":
         from shells.asyncio.server import Server
 
@@ -52,9 +60,10 @@ def run(settings: DaemonSettings) -> int:
         from shells.asyncio.client import Client
 
         node = Client.from_settings(settings)
+    served = with_metrics_async(Controlled(node, settings.control), settings.metrics)
     loop = _new_loop()
     try:
-        loop.run_until_complete(_until_signalled(node.start, node.stop))
+        loop.run_until_complete(_until_signalled(served.start, served.stop))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

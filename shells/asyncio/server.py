@@ -8,13 +8,13 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Hashable
+from typing import Any, cast
 
-from candy_core.config import ServerConfig
-from candy_core.events import ServerEvent
-from candy_core.server import RelayServer
+from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.asyncio.accept import Acceptor
 from shells.asyncio.timer import DeadlineTimer
-from shells.common import system_rng
+from shells.common import LISTEN_BACKLOG, system_rng
+from shells.operate import server_document, server_url
 from shells.pump import ServerPump
 
 log = logging.getLogger("candy.asyncio")
@@ -33,13 +33,16 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # connect_accepted_socket() makes stream transports; the Protocol API names only the
+        # base class.
+        transport = cast(asyncio.Transport, transport)
         if self.relay._stopped:  # accepted just before stop(), set up just after
             transport.abort()
             return
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         label = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.relay._transports[self.cid] = transport  # type: ignore[assignment]
+        self.relay._transports[self.cid] = transport
         self.relay.core.connection_made(self.cid, self.relay._loop.time(), label)
         self.relay._flush()
 
@@ -101,8 +104,9 @@ class Server:
         self._acceptor: Acceptor | None = None
         self._closed: asyncio.Future[None] | None = None
         self._timer: DeadlineTimer | None = None
-        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._loop: asyncio.AbstractEventLoop  # the running loop, bound in start()
         self._stopped = False
+        self._started = time.time()
 
     async def start(self) -> None:
         """Start listening; :attr:`port` is the real port afterwards (useful with port 0)."""
@@ -110,11 +114,17 @@ class Server:
         self._timer = DeadlineTimer(self._loop, self._on_timer)
         self._closed = self._loop.create_future()
         acceptor = Acceptor(self._loop, lambda: _Connection(self, next(self._ids)), self._ssl, log)
-        await acceptor.listen(self.host, self.port)
+        await acceptor.listen(self.host, self.port, LISTEN_BACKLOG)
         self._acceptor = acceptor
         self.port = acceptor.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         log.info("relay listening on %s://%s:%d", scheme, self.host, self.port)
+
+    def status(self) -> dict[str, Any]:
+        """The ``candy status --server`` document (call it on the loop)."""
+        listen = server_url(self._ssl is not None, self.host, self.port)
+        snapshot = self.core.status(self._loop.time(), time.time())
+        return server_document(snapshot, "asyncio", listen, self._started)
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`stop` (or until cancelled)."""

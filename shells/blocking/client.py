@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
-from candy_core.client import Client as ClientCore
-from candy_core.config import ClientConfig
-from candy_core.peers import PeerStatus
+from candy_core import Client as ClientCore
+from candy_core import ClientConfig, ClientEvent, PeerStatus, PingReply
 from shells.blocking.loop import POLL, Kit, Loop, recv_loop
 from shells.blocking.writer import HIGH_WATER, SEND_TIMEOUT, Writer
 from shells.common import CONNECT_TIMEOUT, track_joined
+from shells.operate import client_document, server_url
 from shells.pump import ClientPump
 from shells.udp import UdpSocket
 
@@ -37,7 +37,7 @@ class BlockingClient:
         udp_port: int = 0,
         stun_host: str | None = None,
         stun_port: int | None = None,
-        on_event: Callable[[object], None] | None = None,
+        on_event: Callable[[ClientEvent], None] | None = None,
     ) -> None:
         #: The configuration; after :meth:`start`, with the STUN server and LAN address resolved.
         self.config = config
@@ -53,11 +53,26 @@ class BlockingClient:
             ),
         }
         self._pump: ClientPump | None = None
-        self.core: ClientCore = None  # type: ignore[assignment]  # made in start()
+        #: The sans-IO core, made in :meth:`start` (``None`` before).
+        self.core: ClientCore | None = None
         self._loop = Loop(self.kit)
         self._writer: Writer | None = None
         self._udp: UdpSocket | None = None
         self._packet_ready = self.kit.event()
+        #: ping() calls waiting for their reply, by (address, sequence number): the flag it
+        #: waits on and the slot the reply goes to.
+        self._pings: dict[tuple[IPv4Address, int], tuple[Any, list[PingReply]]] = {}
+
+    def status(self) -> dict[str, Any]:
+        """The ``candy status`` document (after :meth:`start`)."""
+        core = self.core
+        if core is None:
+            raise RuntimeError("call start() first")
+        cfg = self.config
+        url = server_url(self._ssl is not None, cfg.host, cfg.port, cfg.path)
+        with self._loop.lock:
+            snapshot = core.status(time.monotonic(), time.time(), url)
+        return client_document(snapshot, self.kit.name)
 
     @property
     def address(self) -> IPv4Interface | None:
@@ -78,6 +93,7 @@ class BlockingClient:
         pump.close_server = self._close_server
         pump.open_connection = lambda: loop.spawn(self._connect)
         pump.packets_ready = self._packet_ready.set
+        pump.ping_replied = self._ping_replied
         if self.config.stun is not None:
             self._udp = UdpSocket(self._udp_port)
             pump.send_datagrams = self._udp.send_many
@@ -96,6 +112,7 @@ class BlockingClient:
         if self._pump is None:  # never started, or start() failed before the core existed
             loop.stopping = True
             return
+        assert self.core is not None  # made together with the pump
         with loop.lock:
             self.core.close()
             loop.flushed()
@@ -138,6 +155,38 @@ class BlockingClient:
                 return None
             self._packet_ready.wait(left)
 
+    def ping(self, ip: IPv4Address | str, timeout: float = 2.0) -> PingReply | None:
+        """Send an ICMP echo request to ``ip`` over the usual path and wait for the reply.
+
+        Returns the reply (round trip, path, endpoint) or None after ``timeout`` seconds;
+        raises ConnectionError while we have no virtual address.
+        """
+        core = self.core
+        if core is None:
+            raise RuntimeError("call start() first")
+        dst = IPv4Address(ip)
+        done = self.kit.event()
+        slot: list[PingReply] = []
+        with self._loop.lock:
+            seq = core.ping(dst, time.monotonic())
+            if seq is None:
+                raise ConnectionError("not joined the network yet (no virtual address)")
+            key = (dst, seq)
+            self._pings[key] = (done, slot)
+            self._loop.flushed()
+        done.wait(timeout)
+        with self._loop.lock:
+            if self._pings.get(key, (None,))[0] is done:
+                del self._pings[key]
+            return slot[0] if slot else None
+
+    def _ping_replied(self, reply: PingReply) -> None:  # lock held (called by the flush)
+        waiter = self._pings.pop((reply.ip, reply.seq), None)
+        if waiter is not None:
+            done, slot = waiter
+            slot.append(reply)
+            done.set()
+
     def peer_status(self) -> list[PeerStatus]:
         """Each peer's state, endpoint, last heartbeat and delay (empty without STUN)."""
         if self.core is None:
@@ -153,6 +202,8 @@ class BlockingClient:
     def _connect(self) -> None:
         cfg = self.config
         loop = self._loop
+        # Connections are opened by the core, so after start() made it and the pump.
+        assert self.core is not None and self._pump is not None
         sock_mod = self.kit.socket
         try:
             sock = sock_mod.create_connection((cfg.host, cfg.port), timeout=CONNECT_TIMEOUT)
@@ -178,7 +229,7 @@ class BlockingClient:
             with loop.lock:
                 writer.start()
         core = self.core
-        guard = self._pump.guard  # type: ignore[union-attr]
+        guard = self._pump.guard
         reason = recv_loop(
             loop,
             sock,
@@ -205,7 +256,7 @@ class BlockingClient:
         loop = self._loop
         udp = self._udp
         pump = self._pump
-        assert udp is not None and pump is not None
+        assert udp is not None and pump is not None and self.core is not None
         fd = udp.fileno()
         while not loop.stopping:
             if not self.kit.wait_readable(fd, POLL):
@@ -224,7 +275,7 @@ class BlockingClient:
 
     def _tun_reader(self) -> None:
         loop = self._loop
-        assert self._pump is not None
+        assert self._pump is not None and self.core is not None
         tun = self._pump.tun
         assert tun is not None
         fd = tun.fileno()

@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from candy_core.config import ServerConfig
-from candy_core.server import RelayServer
+from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.writer import SEND_TIMEOUT, Writer
-from shells.common import LogEvery, system_rng
+from shells.common import LISTEN_BACKLOG, LogEvery, system_rng
+from shells.operate import server_document, server_url
 from shells.pump import ServerPump
 
 #: Back-off of the accept loop while ``accept`` fails (out of descriptors): doubles up to MAX.
@@ -34,7 +34,7 @@ class BlockingServer:
         host: str = "0.0.0.0",
         port: int = 80,
         ssl_context: Any = None,
-        on_event: Callable[[object], None] | None = None,
+        on_event: Callable[[ServerEvent], None] | None = None,
     ) -> None:
         self.config = config
         self.host = host
@@ -42,12 +42,22 @@ class BlockingServer:
         self.core = RelayServer(config, system_rng())
         self._ssl = ssl_context
         self._writers: dict[Hashable, Writer] = {}
+        #: Connections the core was told about whose worker has not taken them over yet.
+        self._accepted: dict[Hashable, Any] = {}
         self._ids = itertools.count(1)
         self._pump = ServerPump(self.core, self._write, self._close, on_event)
         self._loop = Loop(self.kit, self.core.handle_timer, self._pump.flush)
         self._listener: Any = None
         self._stopped = self.kit.event()  # wakes the accept loop from its back-off
         self._accept_errors = LogEvery(log)
+        self._started = time.time()
+
+    def status(self) -> dict[str, Any]:
+        """The ``candy status --server`` document."""
+        listen = server_url(self._ssl is not None, self.host, self.port)
+        with self._loop.lock:
+            snapshot = self.core.status(time.monotonic(), time.time())
+        return server_document(snapshot, self.kit.name, listen, self._started)
 
     def start(self) -> None:
         """Listen and serve in the background; :attr:`port` is the real port afterwards."""
@@ -55,7 +65,7 @@ class BlockingServer:
         listener = sock_mod.socket(sock_mod.AF_INET, sock_mod.SOCK_STREAM)
         listener.setsockopt(sock_mod.SOL_SOCKET, sock_mod.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
-        listener.listen(512)
+        listener.listen(LISTEN_BACKLOG)
         listener.settimeout(POLL)
         self._listener = listener
         self.port = listener.getsockname()[1]
@@ -86,14 +96,22 @@ class BlockingServer:
         self.stop()
 
     def _accept(self) -> None:
-        """Accept connections; while ``accept`` fails, back off (never spin) and log rarely.
+        """Accept connections; the core admits or refuses each one before any worker starts.
 
-        Out of file descriptors, the kernel keeps new connections in the listen backlog
-        until ours close; the lock is not held meanwhile, so joined clients are served.
+        A connection the per-source limits refuse (a flood) costs an accept and a close, not
+        a worker, a writer and a TLS handshake, so the accept queue keeps draining faster
+        than a flood fills it. The loop yields after every connection: a gevent accept never
+        switches while connections are waiting, which would starve every other greenlet.
+
+        While ``accept`` fails (out of file descriptors) it backs off, 0.1 s doubling to 1 s,
+        and logs one line a second at most; the kernel keeps new connections in the listen
+        backlog meanwhile, and the lock is not held, so joined clients are served.
         """
-        timeout_error = self.kit.socket.timeout
+        kit = self.kit
+        timeout_error = kit.socket.timeout
+        loop = self._loop
         backoff = 0.0
-        while not self._loop.stopping:
+        while not loop.stopping:
             try:
                 sock, peer = self._listener.accept()
             except timeout_error:
@@ -101,7 +119,7 @@ class BlockingServer:
             except ConnectionAbortedError:
                 continue  # that one connection is gone; the next may be fine
             except OSError as exc:
-                if self._loop.stopping:
+                if loop.stopping:
                     return
                 backoff = min(ACCEPT_BACKOFF_MAX, backoff * 2 or ACCEPT_BACKOFF)
                 self._accept_errors.note(
@@ -111,33 +129,47 @@ class BlockingServer:
                 self._stopped.wait(backoff)
                 continue
             backoff = 0.0
-            self._loop.spawn(self._serve, sock, f"{peer[0]}:{peer[1]}")
+            cid = next(self._ids)
+            label = f"{peer[0]}:{peer[1]}"
+            with loop.lock:
+                self._accepted[cid] = sock
+                try:
+                    self.core.connection_made(cid, time.monotonic(), label)
+                    loop.flushed()
+                except Exception:  # a bug must cost this connection, never the accept loop
+                    self._pump.guard.failed(f"a new connection from {label}; closing it")
+                    self._accepted.pop(cid, None)
+                admitted = cid in self._accepted  # a refusal closed it during the flush
+            if admitted:
+                loop.spawn(self._serve, sock, cid, label)
+            else:
+                sock.close()
+            kit.sleep(0)
 
-    def _serve(self, sock: Any, peer: str) -> None:
-        try:
-            sock.setsockopt(self.kit.socket.IPPROTO_TCP, self.kit.socket.TCP_NODELAY, 1)
-            sock.settimeout(SEND_TIMEOUT)
-        except OSError:  # reset before we got to it
-            sock.close()
-            return
+    def _serve(self, sock: Any, cid: int, peer: str) -> None:
+        loop = self._loop
+        sock.setsockopt(self.kit.socket.IPPROTO_TCP, self.kit.socket.TCP_NODELAY, 1)
+        sock.settimeout(SEND_TIMEOUT)
         if self._ssl is not None:
             try:
                 sock = self._ssl.wrap_socket(sock, server_side=True)
             except (OSError, ValueError) as exc:
-                log.info("%s: TLS handshake failed: %s", peer, exc)
+                with loop.lock:
+                    if self._accepted.pop(cid, None) is not None:
+                        log.info("%s: TLS handshake failed: %s", peer, exc)
+                        self.core.connection_lost(cid, f"TLS handshake failed: {exc}")
+                        loop.flushed()
                 sock.close()
                 return
-        cid = next(self._ids)
-        loop = self._loop
         writer = Writer(
             loop, sock, lambda: self.core.pause_writing(cid), lambda: self.core.resume_writing(cid)
         )
         with loop.lock:
+            if self._accepted.pop(cid, None) is None:  # the core closed it meanwhile
+                sock.close()
+                return
             self._writers[cid] = writer
-            self.core.connection_made(cid, time.monotonic(), peer)
-            loop.flushed()
-        if not writer.direct:
-            with loop.lock:
+            if not writer.direct:
                 writer.start()
 
         def on_data(data: bytes) -> None:
@@ -164,3 +196,5 @@ class BlockingServer:
         writer = self._writers.pop(cid, None)
         if writer is not None:
             writer.close()
+        else:  # accepted, no worker yet: _accept or _serve closes the socket
+            self._accepted.pop(cid, None)

@@ -8,9 +8,11 @@ import gevent
 import gevent.event
 import gevent.ssl
 
+from shells.blocking.control import Controlled
 from shells.blocking.daemon import run_until_signalled
 from shells.common import client_kwargs, server_kwargs
-from shells.gevent import Client, Server
+from shells.gevent import KIT, Client, Server
+from shells.metrics import GeventMetricsServer, with_metrics
 from shells.settings import DaemonSettings
 
 
@@ -29,7 +31,12 @@ def run(settings: DaemonSettings) -> int:
     """Run the daemon on greenlets until SIGINT/SIGTERM; returns the exit status."""
     node: Server | Client
     if settings.mode == "server":
+        assert settings.server is not None  # parse_args sets exactly the mode's config
         node = Server(settings.server, **server_kwargs(settings, gevent.ssl))
     else:
+        assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, gevent.ssl))
-    return run_until_signalled(node, _wait_for_signal)
+    served = with_metrics(
+        Controlled(KIT, node, settings.control), settings.metrics, GeventMetricsServer
+    )
+    return run_until_signalled(served, _wait_for_signal)

@@ -7,10 +7,12 @@ import ssl
 import threading
 
 from shells.blocking import POLL
+from shells.blocking.control import Controlled
 from shells.blocking.daemon import run_until_signalled
 from shells.common import client_kwargs, server_kwargs
+from shells.metrics import ThreadedMetricsServer, with_metrics
 from shells.settings import DaemonSettings
-from shells.threaded import Client, Server
+from shells.threaded import KIT, Client, Server
 
 
 def _wait_for_signal() -> None:
@@ -33,7 +35,12 @@ def run(settings: DaemonSettings) -> int:
     """Run the daemon on OS threads until SIGINT/SIGTERM; returns the exit status."""
     node: Server | Client
     if settings.mode == "server":
+        assert settings.server is not None  # parse_args sets exactly the mode's config
         node = Server(settings.server, **server_kwargs(settings, ssl))
     else:
+        assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, ssl))
-    return run_until_signalled(node, _wait_for_signal)
+    served = with_metrics(
+        Controlled(KIT, node, settings.control), settings.metrics, ThreadedMetricsServer
+    )
+    return run_until_signalled(served, _wait_for_signal)

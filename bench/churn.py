@@ -61,6 +61,7 @@ def start_daemon(runtime: str, log_path: Path) -> tuple[subprocess.Popen, int]:
         port = rawws.free_port()
         argv = rawws.server_argv(runtime.removesuffix("-plain"), port, "10.99.0.0/16")
         argv[1:3] = ["-c", code]
+        argv += ["--control", "none"]  # no socket in /run/candy, no clash with another daemon
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 argv,

@@ -84,6 +84,35 @@ class LogEvery:
         return True
 
 
+class AcceptBackoff:
+    """How an accept loop waits while ``accept`` fails (out of file descriptors, say).
+
+    The kernel keeps new connections in the listen backlog meanwhile. :meth:`failed` logs
+    (one line a second at most, :class:`LogEvery`) and returns how long to leave the
+    listener alone: FIRST seconds, doubling up to MOST; :meth:`succeeded` starts over.
+    """
+
+    FIRST = 0.1
+    MOST = 1.0
+
+    def __init__(self, logger: logging.Logger, what: str = "connections") -> None:
+        self.what = what
+        self.delay = 0.0
+        self._log = LogEvery(logger)
+
+    def failed(self, exc: OSError) -> float:
+        """One failed ``accept``: log it (rarely) and return the seconds to wait."""
+        self.delay = min(self.MOST, self.delay * 2 or self.FIRST)
+        self._log.note(
+            f"cannot accept {self.what}: {exc}; new ones wait in the backlog, "
+            f"next try in {self.delay:g} s"
+        )
+        return self.delay
+
+    def succeeded(self) -> None:
+        self.delay = 0.0
+
+
 def system_rng() -> random.Random:
     """The randomness handed to cores in production (os.urandom underneath)."""
     return random.SystemRandom()

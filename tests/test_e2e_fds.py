@@ -1,11 +1,13 @@
 """Out of file descriptors, every runtime's relay daemon keeps going: the members it has keep
-relaying, new connections wait (one log line a second at most), the CPU stays idle, and it
-recovers once descriptors free up.
+relaying, new connections wait (one log line a second at most per listener), the CPU stays
+idle, and it recovers once descriptors free up.
 
-The daemon (``python -m shells.cli -m server``) runs with RLIMIT_NOFILE 256, soft and hard;
-400 connections arrive and stay open (those it accepts authenticate, so no timeout frees
-them). On 127.0.0.1 only, no namespaces. The asyncio runtime runs twice: on uvloop, which
-the daemon picks when it can import it, and on plain asyncio (uvloop's import blocked).
+The daemon (``python -m shells.cli -m server``, with its control socket and metrics endpoint)
+runs with RLIMIT_NOFILE 256, soft and hard; 400 connections arrive and stay open (those it
+accepts authenticate, so no timeout frees them), and one connection waits on the control
+socket and one on the metrics port. On 127.0.0.1 only, no namespaces. The asyncio runtime
+runs twice: on uvloop, which the daemon picks when it can import it, and on plain asyncio
+(uvloop's import blocked).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import importlib.util
+import json
 import logging
 import os
 import resource
@@ -24,16 +27,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
 
 import pytest
 from rawclient import RawMember, handshake, upgrade_request
 from runtimes import HOST, free_port, icmp_packet, msg_forward, wait_until
 
-from shells.asyncio.accept import BACKOFF_MAX, BACKOFF_MIN, Acceptor
-from shells.common import LogEvery
+from shells.asyncio.accept import Acceptor
+from shells.common import AcceptBackoff, LogEvery
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "fds"
@@ -43,7 +46,12 @@ HELD = 400
 WINDOW = 3.0
 #: Share of one core the daemon may use meanwhile (it should be close to nothing).
 CPU_SHARE = 0.2
-REFUSING = "cannot accept connections"
+#: What each listener logs while its accept fails.
+REFUSING = {
+    "relay": "cannot accept connections:",
+    "control": "cannot accept control connections:",
+    "metrics": "cannot accept metrics connections:",
+}
 A, B, C = IPv4Address("10.99.0.1"), IPv4Address("10.99.0.2"), IPv4Address("10.99.0.3")
 
 #: How each case starts ``shells.cli``: plain asyncio blocks the uvloop import first.
@@ -91,8 +99,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(params=CASES)
-def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any, int, Path]]:
-    """The relay daemon of one runtime with 256 descriptors: (process, port, log file)."""
+def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
+    """The relay daemon of one runtime with 256 descriptors."""
     case = request.param
     runtime = "asyncio" if case.startswith("asyncio") else case
     code = f"import sys; {PRELUDE[case]}from shells.cli import main; sys.exit(main())"
@@ -100,10 +108,12 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     log_path = tmp_path / f"{case}.log"
     for _ in range(3):  # a free port may be taken between probing and binding
-        port = free_port()
+        port, metrics = free_port(), free_port()
+        control = tmp_path / "control.sock"
         argv = [
             sys.executable, "-c", code, "-m", "server", "-w", f"ws://{HOST}:{port}",
             "-p", PASSWORD, "-d", "10.99.0.0/16", "--runtime", runtime,
+            "--control", str(control), "--metrics", f"{HOST}:{metrics}",
         ]  # fmt: skip
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -120,12 +130,21 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any
             if _wait_listening(proc, log_path):
                 maps = Path(f"/proc/{proc.pid}/maps").read_text()
                 assert ("uvloop" in maps) == (case == "asyncio-uvloop"), "wrong event loop"
-                yield proc, port, log_path
+                yield Daemon(proc, port, control, metrics, log_path)
                 assert proc.poll() is None, f"the daemon exited:\n{_log_text(log_path)[-3000:]}"
                 return
         finally:
             _stop(proc)
     pytest.fail(f"the {case} daemon did not start:\n{_log_text(log_path)[-3000:]}")
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    port: int
+    control: Path
+    metrics: int
+    log: Path
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path) -> bool:
@@ -145,13 +164,39 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _refusals(log_path: Path) -> int:
-    return _log_text(log_path).count(REFUSING)
+def _refusals(log_path: Path) -> dict[str, int]:
+    text = _log_text(log_path)
+    return {listener: text.count(line) for listener, line in REFUSING.items()}
 
 
-def _other_lines(log_path: Path) -> int:
+def _lines(log_path: Path) -> list[str]:
     """Log lines but the members' joins (the held connections it accepted authenticate)."""
-    return sum("authenticated as" not in line for line in _log_text(log_path).splitlines())
+    return [line for line in _log_text(log_path).splitlines() if "authenticated as" not in line]
+
+
+def _wait_on_control(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5.0)
+    sock.connect(str(path))  # waits in the backlog
+    sock.sendall(b'{"cmd": "status"}\n')
+    return sock
+
+
+def _wait_on_metrics(port: int) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=5.0)  # waits in the backlog
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: candy\r\n\r\n")
+    return sock
+
+
+def _reply(sock: socket.socket, end: bytes) -> bytes:
+    data = b""
+    with sock:
+        while end not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
 
 
 def _relay(sender: RawMember, src: IPv4Address, receiver: RawMember, dst: IPv4Address) -> None:
@@ -190,9 +235,9 @@ def _open_held(port: int) -> list[socket.socket]:
 
 @pytest.mark.slow
 def test_out_of_descriptors_the_relay_serves_its_members_logs_rarely_and_recovers(
-    daemon: tuple[Any, int, Path],
+    daemon: Daemon,
 ) -> None:
-    proc, port, log_path = daemon
+    pid, port = daemon.proc.pid, daemon.port
     members: list[RawMember] = []
     held: list[socket.socket] = []
     try:
@@ -201,21 +246,28 @@ def test_out_of_descriptors_the_relay_serves_its_members_logs_rarely_and_recover
         b = RawMember.join(port, PASSWORD, B)
         members.append(b)
         _relay(a, A, b, B)
-        calm_fds = _fds(proc.pid)
+        calm_fds = _fds(pid)
 
         held = _open_held(port)
-        assert wait_until(lambda: _fds(proc.pid) >= LIMIT - 4, 15.0), "never out of descriptors"
-        assert wait_until(lambda: _refusals(log_path) > 0, 5.0), "nothing logged about it"
-
-        lines, cpu, start = _other_lines(log_path), _cpu_seconds(proc.pid), time.monotonic()
-        time.sleep(WINDOW)
-        used, elapsed = _cpu_seconds(proc.pid) - cpu, time.monotonic() - start
-        logged = _other_lines(log_path) - lines
-        print(f"out of descriptors: {used:.2f} s of CPU in {elapsed:.1f} s, {logged} log lines")
-        assert used <= CPU_SHARE * elapsed, f"{used:.2f} s of CPU in {elapsed:.1f} s: spinning"
-        assert logged <= elapsed + 1, f"{logged} log lines in {elapsed:.1f} s:\n" + "\n".join(
-            _log_text(log_path).splitlines()[-10:]
+        assert wait_until(lambda: _fds(pid) >= LIMIT - 4, 15.0), "never out of descriptors"
+        assert wait_until(lambda: _refusals(daemon.log)["relay"] > 0, 5.0), "nothing logged"
+        held.append(_wait_on_control(daemon.control))
+        held.append(_wait_on_metrics(daemon.metrics))
+        assert wait_until(lambda: min(_refusals(daemon.log).values()) > 0, 5.0), _refusals(
+            daemon.log
         )
+
+        lines, refused = len(_lines(daemon.log)), _refusals(daemon.log)
+        cpu, start = _cpu_seconds(pid), time.monotonic()
+        time.sleep(WINDOW)
+        used, elapsed = _cpu_seconds(pid) - cpu, time.monotonic() - start
+        logged = _lines(daemon.log)[lines:]
+        per_listener = {k: n - refused[k] for k, n in _refusals(daemon.log).items()}
+        print(f"out of descriptors: {used:.2f} s of CPU in {elapsed:.1f} s, {per_listener}")
+        assert used <= CPU_SHARE * elapsed, f"{used:.2f} s of CPU in {elapsed:.1f} s: spinning"
+        assert max(per_listener.values()) <= elapsed + 1, per_listener  # a line a second
+        others = [line for line in logged if not any(r in line for r in REFUSING.values())]
+        assert not others, "\n".join(others[-10:])
 
         _relay(a, A, b, B)  # the members it has are served meanwhile
         _relay(b, B, a, A)
@@ -242,7 +294,10 @@ def test_out_of_descriptors_the_relay_serves_its_members_logs_rarely_and_recover
         members.append(c)
         _relay(a, A, c, C)
         _relay(c, C, b, B)
-        assert wait_until(lambda: _fds(proc.pid) <= calm_fds + 1, 10.0), _fds(proc.pid)
+        assert json.loads(_reply(_wait_on_control(daemon.control), b"\n"))["role"] == "server"
+        status_line = _reply(_wait_on_metrics(daemon.metrics), b"\r\n").split(b"\r\n")[0]
+        assert status_line.startswith(b"HTTP/1.") and b" 200 " in status_line, status_line
+        assert wait_until(lambda: _fds(pid) <= calm_fds + 1, 10.0), _fds(pid)
     finally:
         for sock in held:
             sock.close()
@@ -306,5 +361,6 @@ def test_acceptor_backs_off_while_accept_fails_and_never_retries_in_the_same_wak
 
     with caplog.at_level(logging.WARNING, "candy.test"):
         delays = asyncio.run(scenario())
-    assert delays == [BACKOFF_MIN, 0.2, 0.4, 0.8, BACKOFF_MAX, BACKOFF_MAX]
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert (AcceptBackoff.FIRST, AcceptBackoff.MOST) == (0.1, 1.0)
     assert len(caplog.records) == 1  # the other five fell within the same second

@@ -24,17 +24,17 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from shells.common import LISTEN_BACKLOG, LogEvery
+from shells.common import LISTEN_BACKLOG, AcceptBackoff
 
 #: Connections accepted per wake-up at most, so accepting never starves the loop.
 ACCEPT_BATCH = 100
-#: Back-off while ``accept`` fails: doubles from MIN up to MAX, reset by a success.
-BACKOFF_MIN = 0.1
-BACKOFF_MAX = 1.0
 
 
 class Acceptor:
-    """Listens on ``host:port`` and hands every accepted socket to ``protocol_factory``."""
+    """Hands every connection accepted on its sockets to ``protocol_factory``.
+
+    :meth:`listen` binds ``host:port``; :meth:`adopt` takes a socket already listening.
+    """
 
     def __init__(
         self,
@@ -42,13 +42,13 @@ class Acceptor:
         protocol_factory: Callable[[], asyncio.Protocol],
         ssl_context: ssl.SSLContext | None,
         log: logging.Logger,
+        what: str = "connections",
     ) -> None:
         self._loop = loop
         self._factory = protocol_factory
         self._ssl = ssl_context
         self._log = log
-        self._errors = LogEvery(log)
-        self._backoff = 0.0
+        self._backoff = AcceptBackoff(log, what)
         self._retries: dict[socket.socket, asyncio.TimerHandle] = {}
         #: Connections being set up; the socket while no transport owns it yet.
         self._starting: dict[asyncio.Task[None], socket.socket | None] = {}
@@ -88,6 +88,12 @@ class Acceptor:
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Accept on ``sock``, a socket already bound and listening (a Unix socket, say)."""
+        sock.setblocking(False)
+        self.sockets.append(sock)
+        self._loop.add_reader(sock.fileno(), self._accept, sock)
+
     def close(self) -> None:
         """Stop listening and abandon the connections still being set up."""
         self._closed = True
@@ -116,10 +122,11 @@ class Acceptor:
             except OSError as exc:
                 self._pause(listener, exc)
                 return
-            self._backoff = 0.0
+            self._backoff.succeeded()
             try:
                 conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if conn.family in (socket.AF_INET, socket.AF_INET6):
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # reset before we got to it
                 conn.close()
                 continue
@@ -130,12 +137,8 @@ class Acceptor:
     def _pause(self, listener: socket.socket, exc: OSError) -> None:
         """``accept`` failed (out of descriptors, say): leave the listener alone a while."""
         self._loop.remove_reader(listener.fileno())
-        self._backoff = min(BACKOFF_MAX, self._backoff * 2 or BACKOFF_MIN)
-        self._errors.note(
-            f"cannot accept connections: {exc}; new ones wait in the backlog, "
-            f"next try in {self._backoff:g} s"
-        )
-        self._retries[listener] = self._loop.call_later(self._backoff, self._resume, listener)
+        delay = self._backoff.failed(exc)
+        self._retries[listener] = self._loop.call_later(delay, self._resume, listener)
 
     def _resume(self, listener: socket.socket) -> None:
         self._retries.pop(listener, None)

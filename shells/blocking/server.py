@@ -11,13 +11,9 @@ from typing import Any
 from candy_core import RelayServer, ServerConfig, ServerEvent
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.writer import SEND_TIMEOUT, Writer
-from shells.common import LISTEN_BACKLOG, LogEvery, system_rng
+from shells.common import LISTEN_BACKLOG, AcceptBackoff, system_rng
 from shells.operate import server_document, server_url
 from shells.pump import ServerPump
-
-#: Back-off of the accept loop while ``accept`` fails (out of descriptors): doubles up to MAX.
-ACCEPT_BACKOFF = 0.1
-ACCEPT_BACKOFF_MAX = 1.0
 
 
 class BlockingServer:
@@ -49,7 +45,7 @@ class BlockingServer:
         self._loop = Loop(self.kit, self.core.handle_timer, self._pump.flush)
         self._listener: Any = None
         self._stopped = self.kit.event()  # wakes the accept loop from its back-off
-        self._accept_errors = LogEvery(log)
+        self._backoff = AcceptBackoff(log)
         self._started = time.time()
 
     def status(self) -> dict[str, Any]:
@@ -110,7 +106,6 @@ class BlockingServer:
         kit = self.kit
         timeout_error = kit.socket.timeout
         loop = self._loop
-        backoff = 0.0
         while not loop.stopping:
             try:
                 sock, peer = self._listener.accept()
@@ -121,14 +116,9 @@ class BlockingServer:
             except OSError as exc:
                 if loop.stopping:
                     return
-                backoff = min(ACCEPT_BACKOFF_MAX, backoff * 2 or ACCEPT_BACKOFF)
-                self._accept_errors.note(
-                    f"cannot accept connections: {exc}; new ones wait in the "
-                    f"backlog, next try in {backoff:g} s"
-                )
-                self._stopped.wait(backoff)
+                self._stopped.wait(self._backoff.failed(exc))
                 continue
-            backoff = 0.0
+            self._backoff.succeeded()
             cid = next(self._ids)
             label = f"{peer[0]}:{peer[1]}"
             with loop.lock:

@@ -49,6 +49,71 @@ LISTEN_BACKLOG = 4096
 Resolver = Callable[..., list[tuple[Any, ...]]]
 
 
+class LogEvery:
+    """Logs a recurring condition at most once per ``interval`` seconds, with a count.
+
+    ``note(text)`` counts one occurrence; it writes ``text`` and how many occurrences the
+    line stands for only if ``interval`` seconds passed since its last line, so a condition
+    that repeats thousands of times a second (an ``accept`` failing for want of file
+    descriptors) costs one line a second. Not thread-safe: one caller at a time.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int = logging.WARNING,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.level = level
+        self.interval = interval
+        self.clock = clock
+        #: Occurrences since the last line written.
+        self.count = 0
+        self._last = float("-inf")
+
+    def note(self, text: str) -> bool:
+        """Count one occurrence; returns whether a line was written for it."""
+        self.count += 1
+        now = self.clock()
+        if now - self._last < self.interval:
+            return False
+        self.logger.log(self.level, "%s (%d time(s) since the last report)", text, self.count)
+        self.count = 0
+        self._last = now
+        return True
+
+
+class AcceptBackoff:
+    """How an accept loop waits while ``accept`` fails (out of file descriptors, say).
+
+    The kernel keeps new connections in the listen backlog meanwhile. :meth:`failed` logs
+    (one line a second at most, :class:`LogEvery`) and returns how long to leave the
+    listener alone: FIRST seconds, doubling up to MOST; :meth:`succeeded` starts over.
+    """
+
+    FIRST = 0.1
+    MOST = 1.0
+
+    def __init__(self, logger: logging.Logger, what: str = "connections") -> None:
+        self.what = what
+        self.delay = 0.0
+        self._log = LogEvery(logger)
+
+    def failed(self, exc: OSError) -> float:
+        """One failed ``accept``: log it (rarely) and return the seconds to wait."""
+        self.delay = min(self.MOST, self.delay * 2 or self.FIRST)
+        self._log.note(
+            f"cannot accept {self.what}: {exc}; new ones wait in the backlog, "
+            f"next try in {self.delay:g} s"
+        )
+        return self.delay
+
+    def succeeded(self) -> None:
+        self.delay = 0.0
+
+
 def system_rng() -> random.Random:
     """The randomness handed to cores in production (os.urandom underneath)."""
     return random.SystemRandom()

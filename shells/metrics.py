@@ -30,8 +30,9 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import unquote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -46,6 +47,10 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from candy_core import State
+from shells.common import AcceptBackoff
+
+if TYPE_CHECKING:
+    from shells.asyncio.accept import Acceptor
 
 __all__ = [
     "AsyncioMetricsServer",
@@ -514,7 +519,7 @@ class AsyncioMetricsServer:
         self.port = port
         self.registry = metrics_registry(node.status)
         self._app = metrics_app(self.registry)
-        self._server: asyncio.base_events.Server | None = None
+        self._acceptor: Acceptor | None = None
         self._connections: set[_HttpConnection] = set()
 
     @property
@@ -523,25 +528,28 @@ class AsyncioMetricsServer:
 
     async def start(self) -> None:
         """Listen; raises :class:`MetricsError` (an OSError) if it cannot."""
+        from shells.asyncio.accept import Acceptor  # the asyncio shells load only here
+
+        # Our own accept, not create_server(): out of file descriptors it backs off and logs
+        # one line a second (see shells.asyncio.accept).
         loop = asyncio.get_running_loop()
+        acceptor = Acceptor(loop, lambda: _HttpConnection(self), None, log, "metrics connections")
         try:
-            self._server = await loop.create_server(
-                lambda: _HttpConnection(self), self.host, self.port, reuse_address=True
-            )
+            await acceptor.listen(self.host, self.port)
         except OSError as exc:
             raise _bind_error(self.host, self.port, exc) from exc
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._acceptor = acceptor
+        self.port = acceptor.sockets[0].getsockname()[1]
         log.info("serving Prometheus metrics on %s", self.url)
 
     async def stop(self) -> None:
         """Stop listening and close every connection (idempotent)."""
-        server, self._server = self._server, None
-        if server is None:
+        acceptor, self._acceptor = self._acceptor, None
+        if acceptor is None:
             return
-        server.close()
+        acceptor.close()
         for connection in list(self._connections):
             connection.abort()
-        await server.wait_closed()
 
     async def __aenter__(self) -> AsyncioMetricsServer:
         await self.start()
@@ -650,9 +658,7 @@ class GeventMetricsServer:
 
     def start(self) -> None:
         """Listen; raises :class:`MetricsError` (an OSError) if it cannot."""
-        from gevent.pywsgi import WSGIServer as GeventWSGIServer
-
-        server = GeventWSGIServer((self.host, self.port), self._app, log=None, error_log=log)
+        server = _gevent_wsgi_server()((self.host, self.port), self._app, log=None, error_log=log)
         try:
             server.start()
         except OSError as exc:
@@ -675,6 +681,40 @@ class GeventMetricsServer:
         self.stop()
 
 
+def _gevent_wsgi_server() -> Any:
+    """``gevent.pywsgi.WSGIServer`` whose failed accepts back off with one log line a second.
+
+    gevent's own back-off (10 ms doubling to 1 s) prints a traceback to stderr per failure.
+    """
+    from gevent.pywsgi import WSGIServer as GeventWSGIServer
+
+    class QuietAcceptServer(GeventWSGIServer):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self._backoff = AcceptBackoff(log, "metrics connections")
+            self._resume: Any = None
+
+        def do_read(self) -> Any:
+            try:
+                request = super().do_read()
+            except OSError as exc:
+                self.stop_accepting()  # until the timer: the waiting connection stays readable
+                if self._resume is not None:
+                    self._resume.close()
+                self._resume = self.loop.timer(self._backoff.failed(exc))
+                self._resume.start(self._accept_again)
+                return None
+            self._backoff.succeeded()
+            return request
+
+        def _accept_again(self) -> None:
+            self._resume = None
+            if self.started:
+                self.start_accepting()
+
+    return QuietAcceptServer
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
         pass
@@ -682,6 +722,21 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self._backoff = AcceptBackoff(log, "metrics connections")
+        super().__init__(*args, **kw)
+
+    def get_request(self) -> tuple[Any, Any]:
+        # socketserver drops a failed accept and selects again at once: out of file
+        # descriptors, the waiting connection keeps the socket readable and the loop spins.
+        try:
+            request = super().get_request()
+        except OSError as exc:
+            time.sleep(self._backoff.failed(exc))  # the serving thread; shutdown() waits
+            raise
+        self._backoff.succeeded()
+        return request
 
 
 class ThreadedMetricsServer:

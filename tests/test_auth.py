@@ -127,6 +127,16 @@ def test_capacity_bound_drops_the_oldest() -> None:
     assert guard.check_and_remember(b"a", 1000, wall=1000)  # evicted: forgotten
 
 
+def test_capacity_bound_drops_the_oldest_timestamp_first() -> None:
+    guard = auth.ReplayGuard(window=30, capacity=3)
+    for key, ts in ((b"late", 1002), (b"early", 1000), (b"middle", 1001), (b"new", 1002)):
+        assert guard.check_and_remember(key, ts, wall=1002)
+    assert len(guard) == 3
+    assert guard.check_and_remember(b"early", 1000, wall=1002)  # the oldest went first
+    assert not guard.check_and_remember(b"late", 1002, wall=1002)
+    assert not guard.check_and_remember(b"new", 1002, wall=1002)
+
+
 def test_bounded_under_100k_distinct_entries() -> None:
     guard = auth.ReplayGuard()
     assert guard.capacity <= 100_000

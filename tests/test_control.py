@@ -230,7 +230,7 @@ def test_server_status(adapter: RuntimeAdapter, serve: Starter, tmp_path: Path) 
     assert status["listen"] == f"ws://127.0.0.1:{server.port}/"
     assert status["version"] and 0 <= status["uptime_s"] < 60
     clients = status["clients"]
-    assert [c["ip"] for c in clients] == sorted(str(ip_of(c)) for c in (a, b))
+    assert [c["ip"] for c in clients] == [str(ip) for ip in sorted(ip_of(c) for c in (a, b))]
     for info in clients:
         assert set(info) == CLIENT_INFO_KEYS
         assert info["remote"].startswith("127.0.0.1:") and info["rx_bytes"] > 0

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from shells.asyncio.accept import Acceptor
 from shells.control import (
     IDLE_TIMEOUT,
     MAX_CONNECTIONS,
@@ -56,7 +57,7 @@ class ControlServer:
         self.max_connections = max_connections
         self._sock: Any = None
         self._identity: tuple[int, int] | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._acceptor: Acceptor | None = None
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._stopping = False
 
@@ -69,15 +70,25 @@ class ControlServer:
     async def start(self) -> None:
         """Answer requests from now on."""
         self.open()
-        self._server = await asyncio.start_unix_server(self._serve, sock=self._sock)
+        loop = asyncio.get_running_loop()
+
+        def stream() -> asyncio.StreamReaderProtocol:  # what start_unix_server() would make
+            return asyncio.StreamReaderProtocol(
+                asyncio.StreamReader(loop=loop), self._serve, loop=loop
+            )
+
+        # Our own accept, not start_unix_server(): out of file descriptors it backs off and
+        # logs one line a second (see shells.asyncio.accept).
+        self._acceptor = Acceptor(loop, stream, None, log, "control connections")
+        self._acceptor.adopt(self._sock)
         log.info("control socket %s", self.path)
 
     async def stop(self) -> None:
         """Stop listening, close every control connection, remove the socket file."""
         self._stopping = True
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._acceptor is not None:
+            self._acceptor.close()  # closes the listening socket too
+            self._acceptor = None
         elif self._sock is not None:
             self._sock.close()
         self._sock = None

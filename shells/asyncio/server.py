@@ -11,6 +11,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
 from candy_core import Network, ServerConfig, ServerEvent, make_relay
+from shells.asyncio.accept import Acceptor
 from shells.asyncio.timer import DeadlineTimer
 from shells.common import LISTEN_BACKLOG, system_rng
 from shells.operate import server_document, server_url
@@ -32,8 +33,12 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # create_server() makes stream transports; the Protocol API names only the base class.
+        # connect_accepted_socket() makes stream transports; the Protocol API names only the
+        # base class.
         transport = cast(asyncio.Transport, transport)
+        if self.relay._stopped:  # accepted just before stop(), set up just after
+            transport.abort()
+            return
         self.transport = transport
         peer = transport.get_extra_info("peername")
         label = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -75,6 +80,9 @@ class Server:
 
         async with Server(ServerConfig.from_strings("secret", "10.0.0.0/24"), port=8080) as srv:
             await srv.serve_forever()
+
+    It accepts connections itself (:mod:`shells.asyncio.accept`): out of file descriptors it
+    backs off and logs one line a second, on asyncio and uvloop alike.
     """
 
     def __init__(
@@ -94,7 +102,8 @@ class Server:
         self._transports: dict[Hashable, asyncio.Transport] = {}
         self._pump = ServerPump(self.core, self._write, self._close, on_event)
         self._ids = itertools.count(1)
-        self._server: asyncio.base_events.Server | None = None
+        self._acceptor: Acceptor | None = None
+        self._closed: asyncio.Future[None] | None = None
         self._timer: DeadlineTimer | None = None
         self._loop: asyncio.AbstractEventLoop  # the running loop, bound in start()
         self._stopped = False
@@ -104,15 +113,11 @@ class Server:
         """Start listening; :attr:`port` is the real port afterwards (useful with port 0)."""
         self._loop = asyncio.get_running_loop()
         self._timer = DeadlineTimer(self._loop, self._on_timer)
-        self._server = await self._loop.create_server(
-            lambda: _Connection(self, next(self._ids)),
-            self.host,
-            self.port,
-            ssl=self._ssl,
-            reuse_address=True,
-            backlog=LISTEN_BACKLOG,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._closed = self._loop.create_future()
+        acceptor = Acceptor(self._loop, lambda: _Connection(self, next(self._ids)), self._ssl, log)
+        await acceptor.listen(self.host, self.port, LISTEN_BACKLOG)
+        self._acceptor = acceptor
+        self.port = acceptor.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         log.info("relay listening on %s://%s:%d", scheme, self.host, self.port)
 
@@ -123,23 +128,23 @@ class Server:
         return server_document(snapshot, "asyncio", listen, self._started)
 
     async def serve_forever(self) -> None:
-        """Serve until cancelled."""
-        assert self._server is not None, "call start() first"
-        await self._server.serve_forever()
+        """Serve until :meth:`stop` (or until cancelled)."""
+        assert self._closed is not None, "call start() first"
+        await asyncio.shield(self._closed)
 
     async def stop(self) -> None:
         """Stop listening and close every connection."""
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
         for transport in list(self._transports.values()):
             transport.abort()
         self._transports.clear()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
 
     async def __aenter__(self) -> Server:
         await self.start()

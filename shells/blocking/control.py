@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shells.blocking.loop import POLL, Kit
+from shells.common import AcceptBackoff
 from shells.control import (
     IDLE_TIMEOUT,
     MAX_CONNECTIONS,
@@ -64,6 +65,7 @@ class ControlServer:
         self._lock = kit.lock()
         self._connections: set[Any] = set()
         self._workers: list[Any] = []
+        self._backoff = AcceptBackoff(log, "control connections")
 
     def open(self) -> None:
         """Check the path and bind the socket (connections wait until :meth:`start`)."""
@@ -112,11 +114,12 @@ class ControlServer:
                 conn, _ = listener.accept()
             except timeout_error:
                 continue
-            except OSError:
+            except OSError as exc:  # out of file descriptors, say: back off, log rarely
                 if self.stopping:
                     return
-                self.kit.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                self.kit.sleep(self._backoff.failed(exc))
                 continue
+            self._backoff.succeeded()
             with self._lock:
                 admitted = len(self._connections) < self.max_connections
                 if admitted:

@@ -32,6 +32,10 @@ class Kit:
     #: Whether a writer may write to an idle socket directly from the caller's thread.
     direct_send: bool
     sleep: Callable[[float], None]
+    #: Whether a reader waits for its socket to be readable before calling ``recv``: a
+    #: blocking ``recv(n)`` allocates its n-byte buffer before it waits, so with OS threads
+    #: every idle connection would hold 64 KiB of heap (gevent's ``recv`` waits first itself).
+    wait_before_recv: bool = False
 
 
 def _no_deadline() -> float | None:
@@ -63,15 +67,18 @@ class Loop:
         self._deadline: float | None = None
         self._wake = kit.event()
         self.workers: list[Any] = []
+        self._workers_lock = kit.lock()  # the accept loop and writers spawn from many threads
         #: Writers currently behind (over the high-water mark); readers then yield.
         self.backlogged = 0
 
     def spawn(self, fn: Callable[..., None], *args: object) -> None:
-        workers = self.workers
-        if len(workers) % 64 == 63:  # forget finished workers now and then: bounded memory
-            alive = self.kit.alive
-            workers[:] = [w for w in workers if alive(w)]
-        workers.append(self.kit.spawn(self._guard, fn, *args))
+        worker = self.kit.spawn(self._guard, fn, *args)
+        with self._workers_lock:
+            workers = self.workers
+            if len(workers) % 64 == 63:  # forget finished workers now and then: bounded memory
+                alive = self.kit.alive
+                workers[:] = [w for w in workers if alive(w)]
+            workers.append(worker)
 
     def _guard(self, fn: Callable[..., None], *args: object) -> None:
         try:
@@ -108,9 +115,14 @@ class Loop:
     def join(self, timeout: float = 3.0) -> None:
         self._wake.set()
         end = time.monotonic() + timeout
-        for worker in self.workers:
-            worker.join(max(0.0, end - time.monotonic()))
-        self.workers.clear()
+        for _ in range(3):  # a worker may spawn another (a writer) while stopping
+            with self._workers_lock:
+                workers = list(self.workers)
+                self.workers.clear()
+            if not workers:
+                break
+            for worker in workers:
+                worker.join(max(0.0, end - time.monotonic()))
 
 
 def recv_loop(
@@ -124,8 +136,15 @@ def recv_loop(
     If ``on_data`` raises, ``on_error`` is called inside the ``except`` block (to log and
     count) and the loop ends with "internal error": the stream cannot be trusted any more.
     """
-    timeout_error = loop.kit.socket.timeout
+    kit = loop.kit
+    timeout_error = kit.socket.timeout
+    fd = sock.fileno()
+    wait = kit.wait_readable if kit.wait_before_recv else None
+    idle = sock.gettimeout() or POLL  # stop() shuts the socket down, which wakes the wait
+    pending = getattr(sock, "pending", None)  # TLS: decrypted bytes need no readable fd
     while not loop.stopping:
+        if wait is not None and not (pending is not None and pending()) and not wait(fd, idle):
+            continue
         try:
             data = sock.recv(RECV_SIZE)
         except timeout_error:

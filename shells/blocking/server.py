@@ -12,7 +12,7 @@ from candy_core import Network, ServerConfig, ServerEvent, make_relay
 from shells.blocking.loop import POLL, Kit, Loop, log, recv_loop
 from shells.blocking.tls import shareable
 from shells.blocking.writer import SEND_TIMEOUT, Writer
-from shells.common import LISTEN_BACKLOG, system_rng
+from shells.common import LISTEN_BACKLOG, AcceptBackoff, system_rng
 from shells.operate import server_document, server_url
 from shells.pump import ServerPump
 
@@ -46,6 +46,8 @@ class BlockingServer:
         self._pump = ServerPump(self.core, self._write, self._close, on_event)
         self._loop = Loop(self.kit, self.core.handle_timer, self._pump.flush)
         self._listener: Any = None
+        self._stopped = self.kit.event()  # wakes the accept loop from its back-off
+        self._backoff = AcceptBackoff(log)
         self._started = time.time()
 
     def status(self) -> dict[str, Any]:
@@ -74,6 +76,7 @@ class BlockingServer:
         """Stop listening, close every connection and wait for the workers."""
         loop = self._loop
         loop.stopping = True
+        self._stopped.set()
         if self._listener is not None:
             self._listener.close()
         with loop.lock:
@@ -97,6 +100,10 @@ class BlockingServer:
         a worker, a writer and a TLS handshake, so the accept queue keeps draining faster
         than a flood fills it. The loop yields after every connection: a gevent accept never
         switches while connections are waiting, which would starve every other greenlet.
+
+        While ``accept`` fails (out of file descriptors) it backs off, 0.1 s doubling to 1 s,
+        and logs one line a second at most; the kernel keeps new connections in the listen
+        backlog meanwhile, and the lock is not held, so joined clients are served.
         """
         kit = self.kit
         timeout_error = kit.socket.timeout
@@ -106,11 +113,14 @@ class BlockingServer:
                 sock, peer = self._listener.accept()
             except timeout_error:
                 continue
-            except OSError:
+            except ConnectionAbortedError:
+                continue  # that one connection is gone; the next may be fine
+            except OSError as exc:
                 if loop.stopping:
                     return
-                kit.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                self._stopped.wait(self._backoff.failed(exc))
                 continue
+            self._backoff.succeeded()
             cid = next(self._ids)
             label = f"{peer[0]}:{peer[1]}"
             with loop.lock:

@@ -24,7 +24,9 @@ def _spawn(fn: Callable[..., None], *args: object) -> threading.Thread:
 
 
 def _wait_readable(fd: int, timeout: float) -> bool:
-    return bool(select.select([fd], [], [], timeout)[0])
+    poller = select.poll()  # not select(): a busy server's descriptors pass FD_SETSIZE (1024)
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000.0))
 
 
 KIT = Kit(
@@ -39,6 +41,7 @@ KIT = Kit(
     alive=threading.Thread.is_alive,
     direct_send=True,
     sleep=time.sleep,
+    wait_before_recv=True,
 )
 
 

@@ -46,7 +46,7 @@ def _routes(lab: Lab, ns: str) -> list[dict[str, object]]:
     return list(json.loads(out.stdout or "[]"))
 
 
-@pytest.mark.parametrize("runtime", ["asyncio", "threaded"])
+@pytest.mark.parametrize("runtime", ["asyncio", "gevent", "threaded"])
 def test_a_reaches_the_lan_behind_gateway_g_over_the_relay(lab: Lab, runtime: str) -> None:
     hub, srv, a, g = (lab.add_ns(role) for role in ("hub", "srv", "a", "g"))
     lan = lab.add_ns("lan")

@@ -347,3 +347,35 @@ def test_ping_payload_has_the_6x_form() -> None:
     h.advance(16)
     pings = [f.payload for f in h.frames() if f.opcode == OP_PING]
     assert pings == [b"candy::linux::1.2.3::gw1"]
+
+
+def test_routed_packets_take_the_direct_path_to_the_gateway() -> None:
+    """Simulated: A's packet for the LAN behind G is encapsulated towards G and, once A and G
+    have a direct path, goes there in a peer datagram, not through the relay."""
+    from candy_core import Simulation
+    from candy_core.sim import icmp
+
+    sim = Simulation(seed=7, latency=0.005)
+    sim.add_server("pw", "10.99.0.0/24", sdwan="10.99.0.0/24,172.31.0.0/24,10.99.0.3")
+    sim.add_stun()
+    nat_a = sim.add_nat("198.51.100.1", "port_restricted")
+    nat_g = sim.add_nat("198.51.100.2", "port_restricted")
+    g = sim.add_client("g", "192.168.2.3", nat=nat_g, tun="10.99.0.3/24")
+    a = sim.add_client("a", "192.168.1.10", nat=nat_a, tun="10.99.0.2/24")
+    assert sim.run_until(lambda: a.connected and g.connected, timeout=5)
+    lan_host = "172.31.0.5"
+    a.send_packet(icmp(a.ip, lan_host, 1))  # through the relay; starts the negotiation
+    sim.run(0.5)
+    assert g.received and g.received[-1] == icmp(a.ip, lan_host, 1)  # decapsulated for TUN
+    assert sim.run_until(
+        lambda: a.peer_state(g) == "CONNECTED" and g.peer_state(a) == "CONNECTED", 30
+    )
+    relayed = sim.frames_relayed
+    for seq in range(2, 12):
+        a.send_packet(icmp(a.ip, lan_host, seq))
+        sim.run(0.05)
+    sim.run(0.5)
+    assert [p for p in g.received if p == icmp(a.ip, lan_host, 11)]
+    assert sim.frames_relayed == relayed  # nothing went through the relay
+    (peer,) = [p for p in a.status().peers if p.ip == str(g.ip)]
+    assert peer.path == "direct" and peer.tx_packets >= 10

@@ -98,7 +98,7 @@ def test_two_networks_are_isolated(
         return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in tmp_path.glob("*.log"))
 
     try:
-        cli = [sys.executable, "-m", "shells.cli", "--control", "none"]
+        cli = [sys.executable, "-m", "shells.cli"]  # every daemon gets its own --control
         server = spawn("srv", [*cli, "-c", str(cfg), "--runtime", runtime, "--debug",
                                "--control", str(control)])  # fmt: skip
         assert wait_until(lambda: "relay listening on" in lab_.log(server), START_TIMEOUT)

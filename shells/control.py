@@ -70,6 +70,33 @@ class ControlSocketError(OSError):
     """The control socket cannot be opened; ``str()`` is one line for the operator."""
 
 
+class ControlSocketInUse(ControlSocketError):
+    """Another daemon is listening on the control socket's path."""
+
+
+def open_default_or_skip(open_socket: Callable[[], None], required: bool) -> bool:
+    """Open the control socket; a default one that cannot be made is skipped with a warning.
+
+    A daemon started as an ordinary user cannot create ``/run/candy``: it still runs, without
+    ``candy status``. A path given by the operator (``required``) must work, and a socket in
+    use by another daemon always refuses the start. Returns whether the socket is open.
+    """
+    try:
+        open_socket()
+    except ControlSocketInUse:
+        raise
+    except ControlSocketError as exc:
+        if required:
+            raise
+        log.warning(
+            "%s; candy status will not reach this daemon (--control PATH picks "
+            "another place, --control none turns it off)",
+            exc,
+        )
+        return False
+    return True
+
+
 class LineTooLong(ValueError):
     """A request line is longer than :data:`MAX_LINE`."""
 
@@ -250,7 +277,7 @@ def open_socket(path: Path, socket_module: ModuleType = socket) -> Any:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:  # another daemon won the race for the path
-            raise ControlSocketError(in_use_message(path)) from None
+            raise ControlSocketInUse(in_use_message(path)) from None
         raise ControlSocketError(
             f"cannot open the control socket {path}: {exc.strerror or exc}"
         ) from None
@@ -282,13 +309,13 @@ def _remove_stale(path: Path) -> None:
     except (ConnectionRefusedError, FileNotFoundError):
         pass  # nobody listens: a daemon was killed without removing it
     except TimeoutError:  # someone listens but is busy: still in use
-        raise ControlSocketError(in_use_message(path)) from None
+        raise ControlSocketInUse(in_use_message(path)) from None
     except OSError as exc:
         raise ControlSocketError(
             f"cannot use the control socket {path}: {exc.strerror or exc}"
         ) from None
     else:
-        raise ControlSocketError(in_use_message(path))
+        raise ControlSocketInUse(in_use_message(path))
     finally:
         probe.close()
     log.info("removing the stale control socket %s", path)

@@ -141,6 +141,8 @@ class DaemonSettings:
     notes: tuple[str, ...] = ()
     #: The control socket (``candy status``), or None with ``--control none``.
     control: Path | None = None
+    #: Whether the operator named it (then it must open; the default may be skipped).
+    control_given: bool = False
     #: Where Prometheus metrics are served (host, port), or None (the default: off).
     metrics: tuple[str, int] | None = None
     #: A server's networks (``networks`` in the config file only), or () for one network.
@@ -461,6 +463,7 @@ def _build(
         client=client if mode == "client" else None,
         notes=tuple(notes),
         control=control,
+        control_given=text("control") is not None,
         metrics=metrics,
         networks=_networks(values["networks"], server)
         if "networks" in values and mode == "server"

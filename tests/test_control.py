@@ -804,3 +804,46 @@ def test_daemon_status_refusal_and_stale_socket(runtime: str, tmp_path: Path) ->
             first.stdout.close()
         if first.stderr is not None:
             first.stderr.close()
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "gevent", "threaded"])
+def test_a_default_socket_that_cannot_be_made_is_skipped_a_given_one_is_not(
+    tmp_path: Path, runtime: str
+) -> None:
+    """An ordinary user cannot create /run/candy: the daemon runs without candy status;
+    a path the operator named must work (exit 1 with one line)."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    sock = blocked / "sub" / "server.sock"  # its folder can never be made
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "shells.cli", "-m", "server", "-w", f"ws://127.0.0.1:{port}",
+        "-p", "pw", "--runtime", runtime, "--no-timestamp",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    given = subprocess.run(
+        [*argv, "--control", str(sock)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert given.returncode == 1 and "cannot create the folder" in given.stderr, given.stderr
+    code = (
+        "import sys, pathlib; from shells import settings;"
+        f" settings.CONTROL_DIR = pathlib.Path({str(blocked / 'sub')!r});"
+        " from shells.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *argv[3:]], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        assert wait_until(listening, 15), "the daemon did not start"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "candy status will not reach this daemon" in err

@@ -24,6 +24,7 @@ from shells.control import (
     LineTooLong,
     encode,
     error,
+    open_default_or_skip,
     open_socket,
     refusal,
     remove_socket,
@@ -171,7 +172,8 @@ class Controlled:
     to start before touching anything; it answers once the node runs.
     """
 
-    def __init__(self, node: Node, path: Path | None) -> None:
+    def __init__(self, node: Node, path: Path | None, required: bool = True) -> None:
+        self.required = required  # False for the default path: skipped if it cannot be made
         self.node = node
         self.control = ControlServer(path, Commands.of(node)) if path is not None else None
 
@@ -180,8 +182,8 @@ class Controlled:
         return self.node.status()
 
     async def start(self) -> None:
-        if self.control is not None:
-            self.control.open()
+        if self.control is not None and not open_default_or_skip(self.control.open, self.required):
+            self.control = None
         await self.node.start()
         if self.control is not None:
             await self.control.start()

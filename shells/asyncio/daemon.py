@@ -60,7 +60,9 @@ def run(settings: DaemonSettings) -> int:
         from shells.asyncio.client import Client
 
         node = Client.from_settings(settings)
-    served = with_metrics_async(Controlled(node, settings.control), settings.metrics)
+    served = with_metrics_async(
+        Controlled(node, settings.control, settings.control_given), settings.metrics
+    )
     loop = _new_loop()
     try:
         loop.run_until_complete(_until_signalled(served.start, served.stop))

@@ -37,6 +37,8 @@ def run(settings: DaemonSettings) -> int:
         assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, gevent.ssl))
     served = with_metrics(
-        Controlled(KIT, node, settings.control), settings.metrics, GeventMetricsServer
+        Controlled(KIT, node, settings.control, settings.control_given),
+        settings.metrics,
+        GeventMetricsServer,
     )
     return run_until_signalled(served, _wait_for_signal)

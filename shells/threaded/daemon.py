@@ -41,6 +41,8 @@ def run(settings: DaemonSettings) -> int:
         assert settings.client is not None
         node = Client(settings.client, **client_kwargs(settings, ssl))
     served = with_metrics(
-        Controlled(KIT, node, settings.control), settings.metrics, ThreadedMetricsServer
+        Controlled(KIT, node, settings.control, settings.control_given),
+        settings.metrics,
+        ThreadedMetricsServer,
     )
     return run_until_signalled(served, _wait_for_signal)

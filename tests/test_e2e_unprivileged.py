@@ -328,17 +328,7 @@ class Daemons:
 
     def server(self, runtime: str, *, as_user: bool = False) -> subprocess.Popen[bytes]:
         """The relay, as root or (``as_user``) as the user in the sandbox with no capability."""
-        argv = [
-            sys.executable,
-            "-m",
-            "shells.cli",
-            "--control",
-            "none",
-            "-m",
-            "server",
-            "-w",
-            "ws://0.0.0.0:8080",
-        ]
+        argv = [sys.executable, "-m", "shells.cli", "-m", "server", "-w", "ws://0.0.0.0:8080"]
         argv += ["-p", PASSWORD, "-d", str(VPN), "--runtime", runtime, "--control", "none"]
         if as_user:
             argv = self.net.box.command(argv, caps=False)
@@ -348,17 +338,7 @@ class Daemons:
 
     def root_client(self, runtime: str, role: str = "b") -> subprocess.Popen[bytes]:
         """A client as root, in namespace ``role`` (``b``: the other end of the pings)."""
-        argv = [
-            sys.executable,
-            "-m",
-            "shells.cli",
-            "--control",
-            "none",
-            "-m",
-            "client",
-            "-w",
-            SERVER_URL,
-        ]
+        argv = [sys.executable, "-m", "shells.cli", "-m", "client", "-w", SERVER_URL]
         argv += ["-p", PASSWORD, "-n", role, "--state-dir", str(self.tmp / f"state-{role}")]
         argv += ["--runtime", runtime, "--control", "none"]
         ns = {"a": self.net.a, "b": self.net.b}[role]
@@ -369,17 +349,7 @@ class Daemons:
     ) -> subprocess.Popen[bytes]:
         """Client ``a``, as the user in the sandbox; state and control socket in its home."""
         home = self.net.box.home
-        argv = [
-            sys.executable,
-            "-m",
-            "shells.cli",
-            "--control",
-            "none",
-            "-m",
-            "client",
-            "-w",
-            SERVER_URL,
-        ]
+        argv = [sys.executable, "-m", "shells.cli", "-m", "client", "-w", SERVER_URL]
         argv += ["-p", PASSWORD, "-n", "a", "--state-dir", str(home / "state")]
         argv += ["--runtime", runtime, "--debug"]
         argv += ["--control", str(control) if control is not None else "none"]

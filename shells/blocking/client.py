@@ -213,7 +213,7 @@ class BlockingClient:
                 sock = self._ssl.wrap_socket(sock, server_hostname=cfg.host)
             sock.settimeout(SEND_TIMEOUT)
             # OS threads read and write it at once: one OpenSSL call at a time.
-            sock = shareable(sock, self.kit.direct_send, SEND_TIMEOUT)
+            sock = shareable(sock, self.kit.threads, SEND_TIMEOUT)
         except (OSError, ValueError) as exc:
             reason = str(exc) or type(exc).__name__
             with loop.lock:

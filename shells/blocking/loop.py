@@ -36,6 +36,8 @@ class Kit:
     #: blocking ``recv(n)`` allocates its n-byte buffer before it waits, so with OS threads
     #: every idle connection would hold 64 KiB of heap (gevent's ``recv`` waits first itself).
     wait_before_recv: bool = False
+    #: Whether workers are OS threads (then a TLS connection's reader and writer need a lock).
+    threads: bool = False
 
 
 def _no_deadline() -> float | None:

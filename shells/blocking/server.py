@@ -146,7 +146,7 @@ class BlockingServer:
             try:
                 sock = self._ssl.wrap_socket(sock, server_side=True)
                 # OS threads read and write it at once: one OpenSSL call at a time.
-                sock = shareable(sock, self.kit.direct_send, SEND_TIMEOUT)
+                sock = shareable(sock, self.kit.threads, SEND_TIMEOUT)
             except (OSError, ValueError) as exc:
                 with loop.lock:
                     if self._accepted.pop(cid, None) is not None:

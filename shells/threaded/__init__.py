@@ -42,6 +42,7 @@ KIT = Kit(
     direct_send=True,
     sleep=time.sleep,
     wait_before_recv=True,
+    threads=True,
 )
 
 
